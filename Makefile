@@ -1,0 +1,47 @@
+# Neighbor Diffusion: `make demo` and `make test` each set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+PRESET ?= cpu
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONPATH := $(CURDIR)/platform:$(CURDIR)
+
+.PHONY: setup demo test test-all lint bench serve mlflow-ui clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(PY) jobs/demo.py --preset $(PRESET)
+
+test: setup
+	$(BIN)/pytest -q
+
+test-all: setup
+	$(BIN)/pytest -q -m ''
+
+lint: setup
+	$(BIN)/ruff check platform jobs serving tests bench
+	$(BIN)/ruff format --check platform jobs serving tests bench
+
+bench: setup
+	$(PY) bench/run.py
+
+serve: setup
+	$(PY) -m serving.app
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf runs data mlruns mlartifacts mlflow.db bench/results .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

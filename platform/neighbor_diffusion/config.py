@@ -1,0 +1,545 @@
+"""One typed, frozen configuration for every part of Neighbor Diffusion.
+
+Sections: model, text, diffusion, data, train, serve. Each is a frozen dataclass
+validated in ``__post_init__`` (messages name the bad field and value). Presets are
+functions (`debug`, `cpu`, `gpu_base`, `large`); the CLI only overrides fields of a
+preset (``--model.block_out_channels 64,128``). ``to_dict()`` is what MLflow logs and
+what ``from_dict()`` reads back, so a run's config can always be rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The pixel-space UNet and where its neighbor attention sits.
+
+    Level i of the UNet works at resolution image_size / 2**i. `attention_levels`
+    are the levels with text cross-attention (transformer blocks); neighbor
+    attention can only sit at such a level, beside the text cross-attention.
+    """
+
+    image_size: int = 32
+    in_channels: int = 3
+    block_out_channels: tuple[int, ...] = (16, 32)
+    layers_per_block: int = 1
+    attention_levels: tuple[int, ...] = (1,)
+    neighbor_levels: tuple[int, ...] = (1,)
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    max_neighbors: int = 3
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        _check(n >= 1, "model.block_out_channels", self.block_out_channels, "needs at least one level")
+        for c in self.block_out_channels:
+            _check(
+                c > 0 and c % self.norm_num_groups == 0,
+                "model.block_out_channels",
+                self.block_out_channels,
+                f"each must be a positive multiple of model.norm_num_groups={self.norm_num_groups}",
+            )
+            _check(
+                c % self.attention_head_dim == 0,
+                "model.block_out_channels",
+                self.block_out_channels,
+                f"each must be a multiple of model.attention_head_dim={self.attention_head_dim}",
+            )
+        _check(
+            self.image_size >= 8 and self.image_size % 2 ** (n - 1) == 0,
+            "model.image_size",
+            self.image_size,
+            f"must be >= 8 and divisible by 2**(levels-1)={2 ** (n - 1)}",
+        )
+        _check(self.in_channels > 0, "model.in_channels", self.in_channels, "must be positive")
+        _check(self.layers_per_block >= 1, "model.layers_per_block", self.layers_per_block, "must be >= 1")
+        _check(
+            all(0 <= lv < n for lv in self.attention_levels),
+            "model.attention_levels",
+            self.attention_levels,
+            f"levels must lie in 0..{n - 1}",
+        )
+        _check(
+            len(self.attention_levels) >= 1,
+            "model.attention_levels",
+            self.attention_levels,
+            "text conditioning needs at least one attention level",
+        )
+        _check(
+            all(lv in self.attention_levels for lv in self.neighbor_levels),
+            "model.neighbor_levels",
+            self.neighbor_levels,
+            f"each must be one of model.attention_levels={self.attention_levels}",
+        )
+        _check(len(self.neighbor_levels) >= 1, "model.neighbor_levels", self.neighbor_levels, "needs >= 1 level")
+        _check(1 <= self.max_neighbors <= 16, "model.max_neighbors", self.max_neighbors, "must be in 1..16")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Frozen text encoder: "tiny" (random, for tests), "minilm" (shipped by a package) or a local path."""
+
+    encoder: str = "tiny"
+    max_length: int = 32
+
+    def __post_init__(self) -> None:
+        _check(bool(self.encoder), "text.encoder", self.encoder, 'use "tiny", "minilm" or a local model folder')
+        _check(4 <= self.max_length <= 512, "text.max_length", self.max_length, "must be in 4..512")
+
+
+SAMPLERS = ("ddim", "dpm++")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+GUIDANCE_MODES = ("joint", "interleaved")
+THRESHOLDING = ("dynamic", "static", "none")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule, training condition dropout and sampling defaults."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"
+    # condition dropout for guidance: exclusive events per training example
+    p_drop_text: float = 0.1
+    p_drop_neighbors: float = 0.1
+    p_drop_both: float = 0.1
+    sampler: str = "ddim"
+    num_inference_steps: int = 25
+    text_guidance: float = 3.0
+    neighbor_guidance: float = 2.0
+    guidance_mode: str = "joint"
+    interleave_ratio: float = 0.5
+    thresholding: str = "dynamic"
+    dynamic_thresholding_ratio: float = 0.995
+    max_threshold: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_train_timesteps >= 10, "diffusion.num_train_timesteps", self.num_train_timesteps, "must be >= 10"
+        )
+        _check(
+            self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
+            "diffusion.beta_schedule",
+            self.beta_schedule,
+            "must be linear, scaled_linear or squaredcos_cap_v2",
+        )
+        _check(
+            self.prediction_type in PREDICTION_TYPES,
+            "diffusion.prediction_type",
+            self.prediction_type,
+            f"must be one of {PREDICTION_TYPES}",
+        )
+        for name in ("p_drop_text", "p_drop_neighbors", "p_drop_both"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"diffusion.{name}", v, "must be a probability in [0, 1]")
+        total = self.p_drop_text + self.p_drop_neighbors + self.p_drop_both
+        _check(total <= 1.0, "diffusion.p_drop_*", total, "the three dropout probabilities must sum to <= 1")
+        _check(self.sampler in SAMPLERS, "diffusion.sampler", self.sampler, f"must be one of {SAMPLERS}")
+        _check(
+            1 <= self.num_inference_steps <= 1000,
+            "diffusion.num_inference_steps",
+            self.num_inference_steps,
+            "must be in 1..1000",
+        )
+        _check(self.text_guidance >= 0, "diffusion.text_guidance", self.text_guidance, "must be >= 0")
+        _check(self.neighbor_guidance >= 0, "diffusion.neighbor_guidance", self.neighbor_guidance, "must be >= 0")
+        _check(
+            self.guidance_mode in GUIDANCE_MODES,
+            "diffusion.guidance_mode",
+            self.guidance_mode,
+            f"must be one of {GUIDANCE_MODES}",
+        )
+        _check(
+            0.0 <= self.interleave_ratio <= 1.0,
+            "diffusion.interleave_ratio",
+            self.interleave_ratio,
+            "must be in [0, 1]",
+        )
+        _check(
+            self.thresholding in THRESHOLDING,
+            "diffusion.thresholding",
+            self.thresholding,
+            f"must be one of {THRESHOLDING}",
+        )
+        _check(
+            0.5 <= self.dynamic_thresholding_ratio <= 1.0,
+            "diffusion.dynamic_thresholding_ratio",
+            self.dynamic_thresholding_ratio,
+            "must be in [0.5, 1]",
+        )
+        _check(self.max_threshold >= 1.0, "diffusion.max_threshold", self.max_threshold, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where cluster shards live and how the synthetic world and example stream are made."""
+
+    root: str = "data"
+    num_subjects: int = 40
+    num_heldout_subjects: int = 8
+    num_pages: int = 120
+    min_cluster_size: int = 2
+    coherence_threshold: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_subjects >= 2, "data.num_subjects", self.num_subjects, "must be >= 2")
+        _check(
+            0 <= self.num_heldout_subjects < self.num_subjects,
+            "data.num_heldout_subjects",
+            self.num_heldout_subjects,
+            f"must be in 0..data.num_subjects-1={self.num_subjects - 1}",
+        )
+        _check(self.num_pages >= 1, "data.num_pages", self.num_pages, "must be >= 1")
+        _check(
+            self.min_cluster_size >= 2,
+            "data.min_cluster_size",
+            self.min_cluster_size,
+            "must be >= 2 (one target plus at least one neighbor)",
+        )
+        _check(
+            0.0 <= self.coherence_threshold <= 1.0,
+            "data.coherence_threshold",
+            self.coherence_threshold,
+            "must be in [0, 1]",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, distribution (Ray Train + DeepSpeed) and checkpointing."""
+
+    steps: int = 50
+    batch_size: int = 8  # per worker, per micro-step
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    zero_stage: int = 0
+    offload: bool = False
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    sample_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    run_name: str = "neighbor-diffusion"
+    storage_path: str = "runs"
+    registered_model: str = "neighbor-diffusion"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "num_workers",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+        ):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", self.ema_decay, "must be in [0, 1)")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        _check(
+            not self.offload or self.zero_stage >= 2,
+            "train.offload",
+            self.offload,
+            "optimizer offload needs train.zero_stage >= 2",
+        )
+        _check(
+            self.precision in ("auto", "fp32", "bf16"), "train.precision", self.precision, "must be auto, fp32 or bf16"
+        )
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _check(self.max_failures >= 0, "train.max_failures", self.max_failures, "must be >= 0")
+        _check(self.sample_every >= 0, "train.sample_every", self.sample_every, "must be >= 0")
+        _check(bool(self.run_name), "train.run_name", self.run_name, "must not be empty")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Ray Serve application: where the model comes from, limits and batching."""
+
+    model_uri: str = ""  # models:/<name>@<alias> or a local pipeline directory
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.05
+    min_replicas: int = 1
+    max_replicas: int = 2
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 16
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_prompt_chars: int = 500
+    max_images: int = 4
+    cache_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "serve.port", self.port, "must be a TCP port")
+        for name in (
+            "max_batch_size",
+            "min_replicas",
+            "max_ongoing_requests",
+            "max_request_bytes",
+            "max_image_pixels",
+            "max_prompt_chars",
+            "max_images",
+            "cache_size",
+        ):
+            _check(getattr(self, name) >= 1, f"serve.{name}", getattr(self, name), "must be >= 1")
+        _check(
+            self.max_replicas >= self.min_replicas,
+            "serve.max_replicas",
+            self.max_replicas,
+            f"must be >= serve.min_replicas={self.min_replicas}",
+        )
+        _check(
+            self.max_queued_requests >= -1,
+            "serve.max_queued_requests",
+            self.max_queued_requests,
+            "must be >= -1 (-1: unbounded)",
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. Cross-section constraints are checked here."""
+
+    preset: str = "debug"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        return _from_dict(cls, d, "")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, as MLflow params want them."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if dataclasses.is_dataclass(v):
+                    walk(f"{prefix}{f.name}.", v)
+                else:
+                    out[f"{prefix}{f.name}"] = v
+
+        walk("", self)
+        return out
+
+
+def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(prefix + u for u in sorted(unknown))}")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is tuple:
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------- presets
+
+
+def debug() -> Config:
+    """Unit tests and smoke tests: seconds on a CPU."""
+    return Config(preset="debug")
+
+
+def cpu() -> Config:
+    """The embedded-default demo: learns subjects in minutes on 2 CPU cores, 32x32 pixels."""
+    return Config(
+        preset="cpu",
+        model=ModelConfig(
+            image_size=32,
+            block_out_channels=(32, 64, 128),
+            layers_per_block=1,
+            attention_levels=(1, 2),
+            neighbor_levels=(1, 2),
+            attention_head_dim=32,
+            norm_num_groups=16,
+            max_neighbors=3,
+        ),
+        text=TextConfig(encoder="minilm", max_length=24),
+        diffusion=DiffusionConfig(num_inference_steps=25),
+        data=DataConfig(num_subjects=48, num_heldout_subjects=8, num_pages=400),
+        train=TrainConfig(
+            steps=600,
+            batch_size=16,
+            lr=1e-3,
+            warmup_steps=50,
+            ema_decay=0.99,
+            checkpoint_every=200,
+            sample_every=200,
+            log_every=20,
+        ),
+    )
+
+
+def gpu_base() -> Config:
+    """64x64 base model sized for one H100 (bf16, ZeRO-2)."""
+    return Config(
+        preset="gpu-base",
+        model=ModelConfig(
+            image_size=64,
+            block_out_channels=(128, 256, 384, 512),
+            layers_per_block=2,
+            attention_levels=(1, 2, 3),
+            neighbor_levels=(2, 3),
+            attention_head_dim=64,
+            norm_num_groups=32,
+            max_neighbors=3,
+        ),
+        text=TextConfig(encoder="minilm", max_length=32),
+        diffusion=DiffusionConfig(num_inference_steps=50),
+        data=DataConfig(num_subjects=2000, num_heldout_subjects=100, num_pages=20000),
+        train=TrainConfig(
+            steps=20000,
+            batch_size=64,
+            lr=1e-4,
+            warmup_steps=1000,
+            ema_decay=0.9999,
+            zero_stage=2,
+            use_gpu=True,
+            checkpoint_every=1000,
+            sample_every=1000,
+            log_every=50,
+        ),
+    )
+
+
+def large() -> Config:
+    """Multi-node: hundreds of millions of parameters, ZeRO-3 across GPU nodes."""
+    return Config(
+        preset="large",
+        model=ModelConfig(
+            image_size=64,
+            block_out_channels=(256, 512, 768, 1024),
+            layers_per_block=3,
+            attention_levels=(1, 2, 3),
+            neighbor_levels=(1, 2, 3),
+            attention_head_dim=64,
+            norm_num_groups=32,
+            max_neighbors=5,
+        ),
+        text=TextConfig(encoder="minilm", max_length=64),
+        diffusion=DiffusionConfig(num_inference_steps=50),
+        data=DataConfig(num_subjects=100000, num_heldout_subjects=500, num_pages=1000000),
+        train=TrainConfig(
+            steps=200000,
+            batch_size=32,
+            lr=1e-4,
+            warmup_steps=5000,
+            ema_decay=0.9999,
+            zero_stage=3,
+            num_workers=16,
+            use_gpu=True,
+            checkpoint_every=2000,
+            sample_every=2000,
+            log_every=100,
+        ),
+    )
+
+
+PRESETS = {"debug": debug, "cpu": cpu, "gpu-base": gpu_base, "large": large}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"preset={name!r}: must be one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _parse_value(tp: Any, raw: str, name: str) -> Any:
+    try:
+        if typing.get_origin(tp) is tuple:
+            (elem, *_) = typing.get_args(tp)
+            return tuple(_parse_value(elem, part.strip(), name) for part in raw.split(",") if part.strip())
+        if tp is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return tp(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: not a valid {getattr(tp, '__name__', tp)}") from None
+
+
+def override(cfg: Config, assignments: dict[str, str]) -> Config:
+    """Apply dotted `section.field=value` string overrides; the result is validated again."""
+    sections: dict[str, dict[str, Any]] = {}
+    hints = typing.get_type_hints(Config)
+    for key, raw in assignments.items():
+        section, _, name = key.partition(".")
+        if section not in hints or not dataclasses.is_dataclass(hints[section]) or not name:
+            raise ConfigError(f"{key}: unknown config field")
+        sub_hints = typing.get_type_hints(hints[section])
+        if name not in sub_hints:
+            raise ConfigError(f"{key}: unknown config field")
+        sections.setdefault(section, {})[name] = _parse_value(sub_hints[name], raw, key)
+    changes = {s: dataclasses.replace(getattr(cfg, s), **kw) for s, kw in sections.items()}
+    return dataclasses.replace(cfg, **changes)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--preset NAME` plus `--section.field VALUE` for every field of every section."""
+    parser.add_argument("--preset", default="debug", choices=sorted(PRESETS))
+    hints = typing.get_type_hints(Config)
+    for section in ("model", "text", "diffusion", "data", "train", "serve"):
+        for name, tp in typing.get_type_hints(hints[section]).items():
+            shown = "a,b,..." if typing.get_origin(tp) is tuple else getattr(tp, "__name__", "value")
+            parser.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", metavar=shown, default=None)
+
+
+def from_cli_args(args: argparse.Namespace) -> Config:
+    given = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    return override(preset(args.preset), given)

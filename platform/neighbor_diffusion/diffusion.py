@@ -1,0 +1,214 @@
+"""Diffusion math: training loss and guided sampling, with the network as an argument.
+
+Schedulers are diffusers': DDPM for training (`add_noise`, `get_velocity`), DDIM or
+DPM-Solver++ for sampling. Imagen's dynamic thresholding is the schedulers'
+`thresholding=True`; static clipping is the same code with `sample_max_value=1`
+(the percentile is clamped to 1, so x0 is clipped to [-1, 1]).
+
+Guidance has three branches, batched into one forward pass per step:
+
+    e_full = eps(x_t | text, neighbors)
+    e_nt   = eps(x_t | no text, neighbors)       text-guided:     e_nt + w_t (e_full - e_nt)
+    e_nn   = eps(x_t | text, no neighbors)       neighbor-guided: e_nn + w_n (e_full - e_nn)
+
+"joint" applies both: e_full + (w_t - 1)(e_full - e_nt) + (w_n - 1)(e_full - e_nn).
+"interleaved" (Re-Imagen) uses, at each step, the neighbor-guided prediction with
+probability eta and the text-guided one otherwise, so only two branches are run.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from neighbor_diffusion.config import DiffusionConfig
+from neighbor_diffusion.model import NeighborFeatures, NeighborUNet
+from neighbor_diffusion.text import null_text
+
+# Keys of a training batch (what the data stream yields, as `iter_torch_batches` dicts).
+BATCH_KEYS = (
+    "image",
+    "text_states",
+    "text_mask",
+    "neighbor_images",
+    "neighbor_text_states",
+    "neighbor_text_mask",
+    "neighbor_mask",
+)
+
+
+def train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    )
+
+
+def sampling_scheduler(cfg: DiffusionConfig, sampler: str | None = None, thresholding: str | None = None):
+    """A fresh DDIM / DPM-Solver++ scheduler on the training noise schedule."""
+    sampler = sampler or cfg.sampler
+    thresholding = thresholding or cfg.thresholding
+    common = dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        timestep_spacing="trailing",
+        thresholding=thresholding != "none",
+        dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
+        sample_max_value=cfg.max_threshold if thresholding == "dynamic" else 1.0,
+    )
+    if sampler == "ddim":
+        return DDIMScheduler(clip_sample=False, **common)
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
+    raise ValueError(f"sampler={sampler!r}: must be 'ddim' or 'dpm++'")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def condition_dropout(
+    batch_size: int, cfg: DiffusionConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drop_text, drop_neighbors), (B,) bool each, from three exclusive events per example."""
+    u = torch.rand(batch_size, generator=generator).to(device)
+    a, b, c = cfg.p_drop_text, cfg.p_drop_neighbors, cfg.p_drop_both
+    drop_text = (u < a) | ((u >= a + b) & (u < a + b + c))
+    drop_neighbors = (u >= a) & (u < a + b + c)
+    return drop_text, drop_neighbors
+
+
+def training_losses(
+    model: NeighborUNet,
+    batch: dict[str, torch.Tensor],
+    scheduler: DDPMScheduler,
+    cfg: DiffusionConfig,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    drop: tuple[torch.Tensor, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mean squared error of the eps / v prediction; `t`, `noise`, `drop` can be injected."""
+    x0 = batch["image"]
+    B, device = x0.shape[0], x0.device
+    if t is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
+    if drop is None:
+        drop = condition_dropout(B, cfg, generator, device)
+    drop_text, drop_neighbors = drop
+
+    # 1. conditions, with dropped ones replaced by their null versions
+    text_states, text_mask = batch["text_states"], batch["text_mask"].bool()
+    null_states, null_mask = null_text(B, text_states.shape[1], text_states.shape[2], device)
+    text_states = torch.where(drop_text[:, None, None], null_states.to(text_states.dtype), text_states)
+    text_mask = torch.where(drop_text[:, None], null_mask, text_mask)
+    neighbor_mask = batch["neighbor_mask"].bool() & ~drop_neighbors[:, None]
+    neighbors = model.encode_neighbors(
+        batch["neighbor_images"], batch["neighbor_text_states"], batch["neighbor_text_mask"].bool(), neighbor_mask
+    )
+    # 2. forward process and target
+    x_t = scheduler.add_noise(x0, noise, t)
+    target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    # 3. prediction
+    pred = model(x_t, t, text_states, text_mask, neighbors)
+    return F.mse_loss(pred.float(), target.float())
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def guided_prediction(
+    model: NeighborUNet,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    text_states: torch.Tensor,
+    text_mask: torch.Tensor,
+    neighbors: NeighborFeatures | None,
+    text_guidance: float,
+    neighbor_guidance: float,
+    branches: tuple[str, ...],
+) -> torch.Tensor:
+    """One batched forward over `branches` (a subset of full / no_text / no_neighbors), then guidance."""
+    B = x_t.shape[0]
+    null_states, null_mask = null_text(B, text_states.shape[1], text_states.shape[2], x_t.device)
+    conds = {
+        "full": (text_states, text_mask, neighbors),
+        "no_text": (null_states.to(text_states.dtype), null_mask, neighbors),
+        "no_neighbors": (text_states, text_mask, neighbors.without_neighbors() if neighbors is not None else None),
+    }
+    chosen = [conds[b] for b in branches]
+    n = len(chosen)
+    nb = None if neighbors is None else NeighborFeatures.cat([c[2] for c in chosen])
+    out = model(
+        x_t.repeat(n, 1, 1, 1), t.repeat(n), torch.cat([c[0] for c in chosen]), torch.cat([c[1] for c in chosen]), nb
+    )
+    e = dict(zip(branches, out.chunk(n)))
+    eps = e["full"]
+    if "no_text" in e:
+        eps = eps + (text_guidance - 1.0) * (e["full"] - e["no_text"])
+    if "no_neighbors" in e:
+        eps = eps + (neighbor_guidance - 1.0) * (e["full"] - e["no_neighbors"])
+    return eps
+
+
+@torch.no_grad()
+def sample(
+    model: NeighborUNet,
+    scheduler: DDIMScheduler | DPMSolverMultistepScheduler,
+    text_states: torch.Tensor,  # (B, T, D)
+    text_mask: torch.Tensor,  # (B, T)
+    neighbors: NeighborFeatures | Callable[[], NeighborFeatures] | None,
+    num_inference_steps: int,
+    text_guidance: float = 1.0,
+    neighbor_guidance: float = 1.0,
+    guidance_mode: str = "joint",
+    interleave_ratio: float = 0.5,
+    x_T: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Reverse diffusion from x_T ~ N(0, I); returns x0 in [-1, 1], (B, C, H, W).
+
+    `neighbors` may be a callable, called at every step (recomputing the features),
+    which is how tests and benchmarks compare against the cached path.
+    `x_T` (or else `generator`) fixes the starting noise; `seed` drives the
+    interleaved-guidance choices. DDIM (eta=0) and DPM-Solver++ add no noise later,
+    so a sample is a function of x_T and the conditions.
+    """
+    cfg = model.config
+    B = text_states.shape[0]
+    device = text_states.device
+    if x_T is None:
+        x_T = torch.randn((B, cfg.in_channels, cfg.image_size, cfg.image_size), generator=generator)
+    x = x_T.to(device)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    x = x * scheduler.init_noise_sigma
+    choice = random.Random(seed)
+    for t in scheduler.timesteps:
+        feats = neighbors() if callable(neighbors) else neighbors
+        if guidance_mode == "joint":
+            branches = ("full",)
+            if text_guidance != 1.0:
+                branches += ("no_text",)
+            if neighbor_guidance != 1.0 and feats is not None:
+                branches += ("no_neighbors",)
+        elif guidance_mode == "interleaved":
+            use_neighbor = feats is not None and choice.random() < interleave_ratio
+            branches = ("full", "no_neighbors") if use_neighbor else ("full", "no_text")
+        else:
+            raise ValueError(f"guidance_mode={guidance_mode!r}: must be 'joint' or 'interleaved'")
+        x_in = scheduler.scale_model_input(x, t)
+        tt = torch.full((B,), int(t), device=device, dtype=torch.long)
+        eps = guided_prediction(
+            model, x_in, tt, text_states, text_mask, feats, text_guidance, neighbor_guidance, branches
+        )
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    return x.clamp(-1, 1)

@@ -1,0 +1,167 @@
+"""Diffusion math: losses, guidance identities, cached neighbor features, overfitting."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import open_gates, random_batch
+from neighbor_diffusion import diffusion as D
+from neighbor_diffusion.text import null_text
+
+
+def _cond(cfg, model, B=2, seed=0):
+    b = random_batch(cfg, B=B, seed=seed)
+    feats = model.encode_neighbors(
+        b["neighbor_images"], b["neighbor_text_states"], b["neighbor_text_mask"], b["neighbor_mask"]
+    )
+    return b, feats
+
+
+def test_condition_dropout_frequencies(cfg):
+    g = torch.Generator().manual_seed(0)
+    dt, dn = D.condition_dropout(200_000, cfg.diffusion, g)
+    d = cfg.diffusion
+    assert abs((dt & ~dn).float().mean() - d.p_drop_text) < 0.01
+    assert abs((dn & ~dt).float().mean() - d.p_drop_neighbors) < 0.01
+    assert abs((dt & dn).float().mean() - d.p_drop_both) < 0.01
+
+
+def test_loss_uses_injected_noise_and_dropped_conditions(cfg, model):
+    b = random_batch(cfg)
+    sched = D.train_scheduler(cfg.diffusion)
+    t = torch.tensor([10, 900])
+    noise = torch.randn_like(b["image"])
+    keep = (torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool))
+    l1 = D.training_losses(model, b, sched, cfg.diffusion, t=t, noise=noise, drop=keep)
+    l2 = D.training_losses(model, b, sched, cfg.diffusion, t=t, noise=noise, drop=keep)
+    assert torch.equal(l1, l2)
+    # dropping the text equals feeding the null text by hand
+    drop_text = (torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool))
+    manual = dict(b)
+    manual["text_states"], manual["text_mask"] = null_text(2, b["text_states"].shape[1], 32)
+    torch.testing.assert_close(
+        D.training_losses(model, b, sched, cfg.diffusion, t=t, noise=noise, drop=drop_text),
+        D.training_losses(model, manual, sched, cfg.diffusion, t=t, noise=noise, drop=keep),
+    )
+
+
+def test_v_prediction_target(cfg, model):
+    dcfg = dataclasses.replace(cfg.diffusion, prediction_type="v_prediction")
+    sched = D.train_scheduler(dcfg)
+    b = random_batch(cfg)
+    t, noise = torch.tensor([5, 500]), torch.randn_like(b["image"])
+    keep = (torch.zeros(2, dtype=torch.bool),) * 2
+    loss = D.training_losses(model, b, sched, dcfg, t=t, noise=noise, drop=keep)
+    feats = model.encode_neighbors(
+        b["neighbor_images"], b["neighbor_text_states"], b["neighbor_text_mask"], b["neighbor_mask"]
+    )
+    pred = model(sched.add_noise(b["image"], noise, t), t, b["text_states"], b["text_mask"], feats)
+    v = sched.get_velocity(b["image"], noise, t)
+    torch.testing.assert_close(loss, ((pred - v) ** 2).mean())
+
+
+def test_guidance_weight_one_is_the_conditional_prediction(cfg, model):
+    open_gates(model)
+    b, feats = _cond(cfg, model)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 500])
+    with torch.no_grad():
+        cond = model(x, t, b["text_states"], b["text_mask"], feats)
+        guided = D.guided_prediction(
+            model, x, t, b["text_states"], b["text_mask"], feats, 1.0, 1.0, ("full", "no_text", "no_neighbors")
+        )
+        strong = D.guided_prediction(
+            model, x, t, b["text_states"], b["text_mask"], feats, 5.0, 1.0, ("full", "no_text", "no_neighbors")
+        )
+    torch.testing.assert_close(guided, cond, atol=1e-5, rtol=1e-5)
+    assert (strong - cond).abs().max() > 1e-3
+
+
+def test_batched_branches_equal_separate_forwards(cfg, model):
+    open_gates(model)
+    b, feats = _cond(cfg, model)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([300, 300])
+    s, m = b["text_states"], b["text_mask"]
+    ns, nm = null_text(2, s.shape[1], 32)
+    wt, wn = 4.0, 2.5
+    with torch.no_grad():
+        full = model(x, t, s, m, feats)
+        no_text = model(x, t, ns, nm, feats)
+        no_nb = model(x, t, s, m)
+        ref = full + (wt - 1) * (full - no_text) + (wn - 1) * (full - no_nb)
+        got = D.guided_prediction(model, x, t, s, m, feats, wt, wn, ("full", "no_text", "no_neighbors"))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def _sample(cfg, model, b, feats, **kw):
+    sched = D.sampling_scheduler(cfg.diffusion, kw.pop("sampler", "ddim"))
+    x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return D.sample(model, sched, b["text_states"], b["text_mask"], feats, num_inference_steps=6, x_T=x_T, **kw)
+
+
+@pytest.mark.parametrize("eta, equivalent", [(0.0, dict(neighbor_guidance=1.0)), (1.0, dict(text_guidance=1.0))])
+def test_interleaved_extremes_equal_pure_guidance(cfg, model, eta, equivalent):
+    open_gates(model)
+    b, feats = _cond(cfg, model)
+    weights = dict(text_guidance=3.0, neighbor_guidance=2.0)
+    inter = _sample(cfg, model, b, feats, guidance_mode="interleaved", interleave_ratio=eta, **weights)
+    pure = _sample(cfg, model, b, feats, guidance_mode="joint", **{**weights, **equivalent})
+    torch.testing.assert_close(inter, pure, atol=1e-5, rtol=1e-5)
+    other = _sample(cfg, model, b, feats, guidance_mode="joint", **weights)
+    assert (inter - other).abs().max() > 1e-4  # the extremes are not the joint guidance
+
+
+def test_cached_neighbor_features_equal_recomputed(cfg, model):
+    open_gates(model)
+    b, feats = _cond(cfg, model)
+    calls = []
+
+    def recompute():
+        calls.append(1)
+        return _cond(cfg, model)[1]
+
+    cached = _sample(cfg, model, b, feats, text_guidance=2.0, neighbor_guidance=2.0)
+    again = _sample(cfg, model, b, recompute, text_guidance=2.0, neighbor_guidance=2.0)
+    assert len(calls) == 6
+    torch.testing.assert_close(cached, again)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+@pytest.mark.parametrize("thresholding", ["dynamic", "static", "none"])
+def test_samplers_are_seeded_and_bounded(cfg, model, sampler, thresholding):
+    open_gates(model)
+    b, feats = _cond(cfg, model)
+    dcfg = dataclasses.replace(cfg.diffusion, thresholding=thresholding)
+    cfg = dataclasses.replace(cfg, diffusion=dcfg)
+    a = _sample(cfg, model, b, feats, sampler=sampler, text_guidance=8.0)
+    again = _sample(cfg, model, b, feats, sampler=sampler, text_guidance=8.0)
+    assert torch.equal(a, again)
+    assert a.abs().max() <= 1.0
+    assert torch.isfinite(a).all()
+
+
+def test_static_clipping_is_x0_clipped_to_unit_range(cfg):
+    sched = D.sampling_scheduler(cfg.diffusion, "ddim", "static")
+    x0 = torch.tensor([[[[3.0, -2.0], [0.5, -0.25]]]])
+    assert torch.equal(sched._threshold_sample(x0), x0.clamp(-1, 1))
+    dyn = D.sampling_scheduler(cfg.diffusion, "ddim", "dynamic")
+    assert dyn._threshold_sample(x0).abs().max() <= 1.0 + 1e-6
+    assert not torch.equal(dyn._threshold_sample(x0), x0.clamp(-1, 1))  # rescaled, not clipped
+
+
+def test_debug_model_overfits_a_tiny_batch(cfg, model):
+    torch.manual_seed(0)
+    model.train()
+    b = random_batch(cfg, B=2)
+    sched = D.train_scheduler(cfg.diffusion)
+    t, noise = torch.tensor([200, 600]), torch.randn_like(b["image"])
+    keep = (torch.zeros(2, dtype=torch.bool),) * 2
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = D.training_losses(model, b, sched, cfg.diffusion, t=t, noise=noise, drop=keep)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5, losses[::10]

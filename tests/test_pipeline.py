@@ -1,0 +1,92 @@
+"""NeighborDiffusionPipeline: image conversion, errors that name the input, save/load."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import open_gates
+from neighbor_diffusion.data.images import ImageError, decode_image, to_tensor
+from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from neighbor_diffusion.config import debug
+
+    torch.manual_seed(0)
+    p = NeighborDiffusionPipeline.from_config(debug())
+    open_gates(p.unet)
+    return p
+
+
+def _subject(color, size=(48, 40)):
+    return Image.new("RGB", size, color)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "L", "P", "CMYK", "I;16", "1", "I", "F"])
+def test_any_mode_becomes_rgb_in_range(mode):
+    img = Image.fromarray((np.random.default_rng(0).random((30, 50, 3)) * 255).astype(np.uint8)).convert(
+        "RGB" if mode in ("I;16", "I", "F") else mode
+    )
+    if mode in ("I;16", "I", "F"):
+        img = Image.fromarray((np.arange(1500).reshape(30, 50) * 40).astype(np.uint16))
+        if mode != "I;16":
+            img = img.convert(mode)
+    x = to_tensor(img, 16)
+    assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
+
+
+def test_decode_rejects_bad_bytes_with_the_name():
+    with pytest.raises(ImageError, match="n0: empty"):
+        decode_image(b"", "n0")
+    with pytest.raises(ImageError, match="n1: undecodable"):
+        decode_image(b"\x89PNG\r\n\x1a\n garbage", "n1")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    with pytest.raises(ImageError, match="n2: too_large"):
+        decode_image(buf.getvalue(), "n2", max_pixels=1000)
+    truncated = buf.getvalue()[: len(buf.getvalue()) // 2]
+    with pytest.raises(ImageError, match="n3: undecodable"):
+        decode_image(truncated, "n3")
+
+
+def test_call_returns_images_and_is_seeded(pipe):
+    nbs = [_subject((200, 30, 30)), _subject((180, 40, 20), (20, 60))]
+    a = pipe("a photo of the toy on a beach", nbs, num_images=2, seed=3, num_inference_steps=4)
+    assert len(a) == 2 and a[0].size == (32, 32) and a[0].mode == "RGB"
+    b = pipe("a photo of the toy on a beach", nbs, num_images=2, seed=3, num_inference_steps=4)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))  # different seeds per image
+
+
+def test_bad_inputs_name_the_field(pipe):
+    with pytest.raises(ValueError, match="prompt"):
+        pipe("  ", [_subject((1, 2, 3))])
+    with pytest.raises(ValueError, match="neighbor_images"):
+        pipe("x", [_subject((1, 2, 3))] * (pipe.max_neighbors + 1))
+    with pytest.raises(ValueError, match=r"neighbor_images\[1\]"):
+        pipe("x", [_subject((1, 2, 3)), "not an image"])
+    with pytest.raises(ValueError, match="neighbor_captions"):
+        pipe("x", [_subject((1, 2, 3))], neighbor_captions=["a", "b"])
+
+
+def test_save_load_round_trip_gives_identical_samples(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "p")
+    files = {p.relative_to(tmp_path / "p").as_posix() for p in (tmp_path / "p").rglob("*") if p.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    meta = json.loads((tmp_path / "p" / "neighbor_diffusion.json").read_text())
+    assert meta["config"]["preset"] == "debug"
+    loaded = NeighborDiffusionPipeline.from_pretrained(tmp_path / "p", device="cpu")
+    nbs = [_subject((20, 200, 30))]
+    kw = dict(seed=7, num_inference_steps=4, output_type="pt")
+    torch.testing.assert_close(pipe("a mug in snow", nbs, **kw), loaded("a mug in snow", nbs, **kw), rtol=0, atol=0)
+
+
+def test_from_pretrained_rejects_other_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a NeighborDiffusionPipeline"):
+        NeighborDiffusionPipeline.from_pretrained(tmp_path)
