@@ -4,12 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 PRESET ?= cpu
+MODEL  ?= models:/neighbor-diffusion@candidate
+SERVE_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONPATH := $(CURDIR)/platform:$(CURDIR)
 
-.PHONY: setup demo test test-all lint bench serve mlflow-ui clean
+.PHONY: setup demo test test-all lint bench serve serve-loadtest mlflow-ui clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +22,10 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 setup: $(BIN)/.installed
 
+# The main job end to end: subject-world crawl -> mined clusters -> training -> registered model.
 demo: setup
-	$(PY) jobs/demo.py --preset $(PRESET)
+	$(PY) jobs/prepare_data.py --preset $(PRESET)
+	$(PY) jobs/train.py --preset $(PRESET)
 
 test: setup
 	$(BIN)/pytest -q
@@ -30,14 +34,17 @@ test-all: setup
 	$(BIN)/pytest -q -m ''
 
 lint: setup
-	$(BIN)/ruff check platform jobs serving tests bench
-	$(BIN)/ruff format --check platform jobs serving tests bench
+	$(BIN)/ruff check platform jobs serving tests infra
+	$(BIN)/ruff format --check platform jobs serving tests infra
 
 bench: setup
 	$(PY) bench/run.py
 
 serve: setup
-	$(PY) -m serving.app
+	$(PY) -m serving.app --preset $(PRESET) --serve.model_uri $(MODEL) --serve.port $(SERVE_PORT)
+
+serve-loadtest: setup
+	$(PY) -m serving.loadtest --out bench/results/serving_loadtest.json
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -51,3 +51,40 @@ def random_batch(cfg, B=2, K=None, T=6, D=32, seed=0):
         "neighbor_text_mask": text_mask[:, None].expand(B, K, T).clone(),
         "neighbor_mask": neighbor_mask,
     }
+
+
+def synthetic_rows(cfg, n=64, D=32, seed=0):
+    """Training rows with the stream's keys and dtypes (numpy), from a few repeated examples,
+    so a debug model's loss visibly falls within a few steps."""
+    import numpy as np
+
+    S, K, T = cfg.model.image_size, cfg.model.max_neighbors, cfg.text.max_length
+    rows = []
+    for i in range(n):
+        r = np.random.default_rng(seed + i % 4)
+        text_mask = np.arange(T) < 5
+        rows.append(
+            {
+                "image": np.tanh(r.normal(size=(3, S, S))).astype(np.float32),
+                "text_states": r.normal(size=(T, D)).astype(np.float32),
+                "text_mask": text_mask,
+                "neighbor_images": np.tanh(r.normal(size=(K, 3, S, S))).astype(np.float32),
+                "neighbor_text_states": r.normal(size=(K, T, D)).astype(np.float32),
+                "neighbor_text_mask": np.tile(text_mask, (K, 1)),
+                "neighbor_mask": np.arange(K) < 1 + i % K,
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray started in process with spare logical CPUs (so Ray Data never starves beside train workers)."""
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

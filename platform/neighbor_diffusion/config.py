@@ -192,11 +192,27 @@ class DataConfig:
     """Where cluster shards live and how the synthetic world and example stream are made."""
 
     root: str = "data"
+    # input: "" mines a synthetic crawl of the subject world (generated first); else a folder of
+    # img2dataset output (WebDataset .tar shards) or of Parquet files, read as `input_format`
+    input: str = ""
+    input_format: str = "webdataset"
     num_subjects: int = 40
     num_heldout_subjects: int = 8
     num_pages: int = 120
+    p_mixed_pages: float = 0.15
+    p_noise_pages: float = 0.15
+    p_junk_caption: float = 0.08
+    bad_records: int = 2  # synthetic crawl: copies of every bad-data case injected (0: none)
+    pairs_per_shard: int = 256
     min_cluster_size: int = 2
-    coherence_threshold: float = 0.5
+    # the similarity filter (cosine of image embeddings; the values suit the "descriptor" embedder)
+    coherence_threshold: float = 0.35  # a group's mean pairwise similarity below this: dropped
+    outlier_threshold: float = 0.3  # a member less similar than this to its group's centre: dropped
+    image_embedder: str = "descriptor"  # "descriptor" (offline colour/layout) or a local CLIP/DINO folder
+    min_image_side: int = 32
+    max_image_pixels: int = 4096 * 4096
+    max_cluster_size: int = 16
+    encode_actors: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -208,6 +224,36 @@ class DataConfig:
             f"must be in 0..data.num_subjects-1={self.num_subjects - 1}",
         )
         _check(self.num_pages >= 1, "data.num_pages", self.num_pages, "must be >= 1")
+        _check(
+            self.input_format in ("webdataset", "parquet"),
+            "data.input_format",
+            self.input_format,
+            "must be 'webdataset' or 'parquet'",
+        )
+        for name in ("p_mixed_pages", "p_noise_pages", "p_junk_caption"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"data.{name}", v, "must be a probability in [0, 1]")
+        _check(
+            self.p_mixed_pages + self.p_noise_pages <= 1.0,
+            "data.p_mixed_pages",
+            self.p_mixed_pages,
+            f"plus data.p_noise_pages={self.p_noise_pages} must be <= 1",
+        )
+        _check(self.bad_records >= 0, "data.bad_records", self.bad_records, "must be >= 0")
+        _check(self.pairs_per_shard >= 1, "data.pairs_per_shard", self.pairs_per_shard, "must be >= 1")
+        _check(
+            0.0 <= self.outlier_threshold <= 1.0, "data.outlier_threshold", self.outlier_threshold, "must be in [0, 1]"
+        )
+        _check(bool(self.image_embedder), "data.image_embedder", self.image_embedder, "use 'descriptor' or a folder")
+        _check(self.min_image_side >= 1, "data.min_image_side", self.min_image_side, "must be >= 1")
+        _check(self.max_image_pixels >= 1, "data.max_image_pixels", self.max_image_pixels, "must be >= 1")
+        _check(
+            self.max_cluster_size >= self.min_cluster_size,
+            "data.max_cluster_size",
+            self.max_cluster_size,
+            f"must be >= data.min_cluster_size={self.min_cluster_size}",
+        )
+        _check(self.encode_actors >= 1, "data.encode_actors", self.encode_actors, "must be >= 1")
         _check(
             self.min_cluster_size >= 2,
             "data.min_cluster_size",
@@ -246,6 +292,8 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     log_every: int = 10
     seed: int = 0
+    deepspeed_overrides: str = ""  # JSON file merged over the generated DeepSpeed config
+    ray_cpus: int = 0  # logical CPUs for a Ray started in process; 0: cores + 2 (room for Ray Data)
     run_name: str = "neighbor-diffusion"
     storage_path: str = "runs"
     registered_model: str = "neighbor-diffusion"
@@ -279,6 +327,7 @@ class TrainConfig:
         _check(self.max_failures >= 0, "train.max_failures", self.max_failures, "must be >= 0")
         _check(self.sample_every >= 0, "train.sample_every", self.sample_every, "must be >= 0")
         _check(bool(self.run_name), "train.run_name", self.run_name, "must not be empty")
+        _check(self.ray_cpus >= 0, "train.ray_cpus", self.ray_cpus, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -299,6 +348,22 @@ class ServeConfig:
     max_prompt_chars: int = 500
     max_images: int = 4
     cache_size: int = 64
+    # request limits beyond the ones above (validated per request; each 4xx names the field)
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_caption_chars: int = 200
+    max_steps: int = 100
+    max_guidance: float = 30.0
+    # replicas: resources and autoscaling of the model deployment
+    num_cpus: float = 1.0
+    num_gpus: float = -1.0  # -1: one GPU per replica when the Ray cluster (or this host) has one, else 0
+    target_ongoing_requests: float = 4.0  # about one full batch in flight per replica
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    # the ingress only awaits the model; Serve's default (5) would cap what reaches the batcher
+    ingress_max_ongoing_requests: int = 256
+    overload_status_code: int = 503  # past max_queued_requests: 503 or 429, with Retry-After
+    retry_after_s: float = 2.0
+    request_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serve.port", self.port, "must be a TCP port")
@@ -311,8 +376,38 @@ class ServeConfig:
             "max_prompt_chars",
             "max_images",
             "cache_size",
+            "max_image_bytes",
+            "max_caption_chars",
+            "max_steps",
+            "ingress_max_ongoing_requests",
         ):
             _check(getattr(self, name) >= 1, f"serve.{name}", getattr(self, name), "must be >= 1")
+        _check(self.host != "", "serve.host", self.host, "must not be empty (127.0.0.1 keeps it on loopback)")
+        _check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0")
+        _check(self.max_guidance > 0, "serve.max_guidance", self.max_guidance, "must be > 0")
+        _check(self.num_cpus > 0, "serve.num_cpus", self.num_cpus, "must be > 0")
+        _check(self.num_gpus >= 0 or self.num_gpus == -1, "serve.num_gpus", self.num_gpus, "must be >= 0, or -1 (auto)")
+        _check(
+            self.target_ongoing_requests > 0,
+            "serve.target_ongoing_requests",
+            self.target_ongoing_requests,
+            "must be > 0",
+        )
+        for name in ("upscale_delay_s", "downscale_delay_s", "retry_after_s"):
+            _check(getattr(self, name) >= 0, f"serve.{name}", getattr(self, name), "must be >= 0")
+        _check(self.request_timeout_s > 0, "serve.request_timeout_s", self.request_timeout_s, "must be > 0")
+        _check(
+            self.overload_status_code in (429, 503),
+            "serve.overload_status_code",
+            self.overload_status_code,
+            "must be 429 or 503",
+        )
+        _check(
+            self.ingress_max_ongoing_requests >= self.max_ongoing_requests,
+            "serve.ingress_max_ongoing_requests",
+            self.ingress_max_ongoing_requests,
+            f"must be >= serve.max_ongoing_requests={self.max_ongoing_requests} (or the ingress caps batching)",
+        )
         _check(
             self.max_replicas >= self.min_replicas,
             "serve.max_replicas",

@@ -84,3 +84,97 @@ def resolve_pipeline_dir(uri: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"model_uri={uri!r}: neither a models:/ URI nor an existing folder")
     return path
+
+
+class RunLogger:
+    """Rank-0 logging into an MLflow run that the driver created (by id); a no-op elsewhere.
+
+    Logging failures are reported, never fatal: a flaky tracking server must not kill training.
+    """
+
+    def __init__(self, run_id: str | None, uri: str | None = None, enabled: bool = True):
+        self.enabled = bool(enabled and run_id)
+        self.run_id = run_id
+        if self.enabled:
+            import mlflow
+            from mlflow import MlflowClient
+
+            mlflow.set_tracking_uri(uri or tracking_uri())
+            self.client = MlflowClient()
+
+    def _safe(self, what: str, fn, *args, **kwargs) -> None:
+        if not self.enabled:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - logged and survived, on purpose
+            print(f"[mlflow] could not log {what}: {type(e).__name__}: {e}", flush=True)
+
+    def params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        self._safe("params", self.client.log_batch, self.run_id, params=items)
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._safe("metrics", self.client.log_batch, self.run_id, metrics=items)
+
+    def image(self, image, artifact_file: str) -> None:
+        self._safe(artifact_file, self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+
+    def sample_grid(self, cfg, unet, step: int, out_dir: str | os.PathLike | None = None):
+        """Render the fixed held-out subjects with `unet` and log the grid; returns the PIL image."""
+        from neighbor_diffusion.training.samples import sample_grid
+
+        try:
+            grid = sample_grid(cfg, unet)
+        except Exception as e:  # noqa: BLE001
+            print(f"[mlflow] sample grid failed at step {step}: {type(e).__name__}: {e}", flush=True)
+            return None
+        self.image(grid, f"samples/step_{step:06d}.png")
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            grid.save(Path(out_dir) / f"samples_step_{step:06d}.png")
+        return grid
+
+
+# ---------------------------------------------------------------------------- evaluation runs (jobs/evaluate.py)
+
+
+def start_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> str:
+    """A new MLflow run in `experiment` (created if needed); returns its id. Close it with `end_run`."""
+    from mlflow import MlflowClient
+
+    experiment_id = setup(experiment)
+    tags = {"mlflow.source.git.commit": git_commit(), **{k: str(v) for k, v in (tags or {}).items()}}
+    return MlflowClient().create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def log_table(run_id: str, table: list[dict[str, Any]], artifact_file: str) -> None:
+    """A results table (one dict per row) as an MLflow table artifact (shown in the run's Evaluation tab)."""
+    from mlflow import MlflowClient
+
+    columns = list(dict.fromkeys(k for row in table for k in row))
+    data = {c: [row.get(c) for row in table] for c in columns}
+    MlflowClient().log_table(run_id, data=data, artifact_file=artifact_file)
+
+
+def log_files(run_id: str, paths: list[str | os.PathLike], artifact_path: str | None = None) -> None:
+    """Copy local files (reports, grids) into the run's artifacts."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for p in paths:
+        client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status=status)

@@ -1,0 +1,58 @@
+"""Train the neighbor-conditioned diffusion model on mined cluster shards.
+
+    python jobs/train.py --preset cpu                      # local: starts Ray in process
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py --preset debug
+
+Reads `<data.root>/clusters` (written by jobs/prepare_data.py), trains with Ray Train +
+DeepSpeed, logs to MLflow, exports the EMA pipeline and registers it as
+`models:/<train.registered_model>@candidate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # for `ray job submit --working-dir .`
+
+from neighbor_diffusion import config as C  # noqa: E402
+from neighbor_diffusion.training import trainer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> trainer.TrainOutcome:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_cli_arguments(parser)
+    parser.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
+    args = parser.parse_args(argv)
+    cfg = C.from_cli_args(args)
+
+    trainer.start_ray(cfg)
+    from ray.data import DataContext
+
+    from neighbor_diffusion.data.mining import layout
+    from neighbor_diffusion.data.stream import training_dataset
+
+    DataContext.get_current().enable_progress_bars = False  # the job log shows training progress instead
+    paths = layout(cfg)
+    if not paths["manifest"].is_file():
+        raise SystemExit(
+            f"no mined clusters at {paths['base']}: run `python jobs/prepare_data.py --preset "
+            f"{cfg.preset} --data.root {cfg.data.root}` first"
+        )
+    num_clusters = json.loads(paths["manifest"].read_text())["clusters_out"]
+    epochs = trainer.epochs_needed(cfg, num_clusters)
+    print(f"[train] {num_clusters} clusters from {paths['clusters']}, {epochs} epochs for {cfg.train.steps} steps")
+    dataset = training_dataset(str(paths["clusters"]), cfg, seed=cfg.train.seed, num_epochs=epochs)
+    outcome = trainer.train(cfg, {"train": dataset}, register=not args.no_register)
+    print(f"[train] pipeline:    {outcome.pipeline_dir}")
+    print(f"[train] sample grid: {outcome.pipeline_dir.parent / f'samples_step_{cfg.train.steps:06d}.png'}")
+    print(f"[train] MLflow run:  {outcome.run_id}  (make mlflow-ui, then http://127.0.0.1:5000)")
+    if outcome.model_uri:
+        print(f"[train] model:       {outcome.model_uri}  (serve it: make serve MODEL={outcome.model_uri})")
+    return outcome
+
+
+if __name__ == "__main__":
+    main()

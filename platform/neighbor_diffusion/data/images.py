@@ -1,0 +1,92 @@
+"""Image decoding and conversion shared by the data job, the pipeline and the server.
+
+Every image becomes RGB, is resized so its short side equals the target size and is
+center-cropped to a square, then mapped to [-1, 1]. What cannot be converted raises
+`ImageError` with the name of the offending input, so callers can count and drop it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; `reason` is a short machine-readable tag."""
+
+    def __init__(self, name: str, reason: str, detail: str = ""):
+        super().__init__(f"{name}: {reason}" + (f" ({detail})" if detail else ""))
+        self.name, self.reason = name, reason
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> RGB PIL image, checking the size *before* decoding pixels (decompression bombs)."""
+    if not data:
+        raise ImageError(name, "empty", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(name, "too_large", f"{w}x{h} pixels > {max_pixels}")
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(name, "too_large", str(e)) from None
+    except Exception as e:  # PIL raises many types for broken files
+        raise ImageError(name, "undecodable", f"{type(e).__name__}: {e}") from None
+    return to_rgb(img, name)
+
+
+def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """Any PIL mode -> RGB: alpha is composited on white, palettes/CMYK/16-bit/grey are converted."""
+    try:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+            img = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+        if img.mode == "P":
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA"):
+            background = Image.new("RGB", img.size, (255, 255, 255))
+            background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+            return background
+        return img.convert("RGB")
+    except Exception as e:
+        raise ImageError(name, "bad_mode", f"mode {img.mode}: {e}") from None
+
+
+def square(img: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to `size` and center-crop to size x size."""
+    return ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+
+
+def to_tensor(img: Image.Image, size: int, name: str = "image") -> torch.Tensor:
+    """PIL (any mode, any size) -> (3, size, size) float32 in [-1, 1]."""
+    if not isinstance(img, Image.Image):
+        raise ImageError(name, "not_an_image", f"got {type(img).__name__}")
+    if min(img.size) < 1:
+        raise ImageError(name, "empty", f"size {img.size}")
+    arr = np.asarray(square(to_rgb(img, name), size), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,169 @@
+"""The training example stream: cluster shards -> (target, K neighbors) examples on Ray Data.
+
+Per cluster and epoch, one example: a random member is the target, k in 1..min(K, n-1)
+other members (never the target) are its neighbors, padded to K with zeros and
+`neighbor_mask=False`. Each image is flipped left-right with p=0.5 unless its caption
+names a side ("on the left" must stay true). Clusters are shuffled per epoch; every
+random choice comes from (seed, epoch, cluster_id), so the same seed gives the same
+examples in the same order.
+
+Row keys are `diffusion.BATCH_KEYS` (S = model.image_size, K = model.max_neighbors,
+T = text.max_length, D = the text encoder's width):
+
+    image (3,S,S) f32 in [-1,1]   text_states (T,D) f32   text_mask (T,) bool
+    neighbor_images (K,3,S,S) f32   neighbor_text_states (K,T,D) f32
+    neighbor_text_mask (K,T) bool   neighbor_mask (K,) bool
+
+`build_example` is a plain function (no Ray); `training_dataset` wraps it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from neighbor_diffusion.config import Config
+from neighbor_diffusion.data.images import square
+from neighbor_diffusion.data.world import derive_seed
+
+# captions that a mirror image would make false: sides, and text that would read backwards
+_SIDED = re.compile(r"\b(left|right|text|sign|letters?|logo|written|reads?)\b", re.I)
+
+
+def shard_files(shard_dir: str | Path) -> list[Path]:
+    files = sorted(Path(shard_dir).rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"shard_dir={str(shard_dir)!r}: no cluster shards (*.parquet); run jobs/prepare_data.py"
+        )
+    return files
+
+
+def load_clusters(shard_dir: str | Path) -> list[dict[str, Any]]:
+    """All cluster rows (CLUSTER_SCHEMA dicts), sorted by cluster_id. For small data and tests."""
+    rows = [r for f in shard_files(shard_dir) for r in pq.read_table(f).to_pylist()]
+    return sorted(rows, key=lambda r: r["cluster_id"])
+
+
+def decode_cluster(cluster: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """A cluster row -> arrays: images (n,3,S,S) f32 [-1,1], text_states (n,T,D) f32, text_mask (n,T) bool."""
+    n, t, d = (int(v) for v in cluster["text_shape"])
+    images = []
+    for b in cluster["images"]:
+        img = Image.open(io.BytesIO(b)).convert("RGB")
+        if img.size != (image_size, image_size):  # shards mined at another size still serve
+            img = square(img, image_size)
+        images.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)  # (3, S, S)
+    return {
+        "images": np.stack(images),
+        "text_states": np.frombuffer(cluster["text_states"], dtype=np.float16).reshape(n, t, d).astype(np.float32),
+        "text_mask": np.frombuffer(cluster["text_mask"], dtype=np.uint8).reshape(n, t).astype(bool),
+        "captions": list(cluster["captions"]),
+    }
+
+
+def check_cluster(cluster: dict[str, Any], cfg: Config) -> None:
+    """Shards must match the run's text encoder and length; say which field to change if not."""
+    cid = cluster.get("cluster_id", "?")
+    if cluster["text_encoder"] != cfg.text.encoder:
+        raise ValueError(
+            f"cluster {cid!r}: captions were encoded with text.encoder={cluster['text_encoder']!r}, the run uses "
+            f"text.encoder={cfg.text.encoder!r}; re-run jobs/prepare_data.py with the same text settings"
+        )
+    if int(cluster["text_shape"][1]) != cfg.text.max_length:
+        raise ValueError(
+            f"cluster {cid!r}: captions were encoded with text.max_length={cluster['text_shape'][1]}, the run uses "
+            f"text.max_length={cfg.text.max_length}"
+        )
+    if len(cluster["images"]) < 2:
+        raise ValueError(f"cluster {cid!r}: {len(cluster['images'])} member(s); a cluster needs >= 2")
+
+
+def build_example(cluster: dict[str, Any], cfg: Config, rng: np.random.Generator, augment: bool = True) -> dict:
+    """One training example from one cluster row (see the module docstring for keys and shapes)."""
+    check_cluster(cluster, cfg)
+    c = decode_cluster(cluster, cfg.model.image_size)
+    n, max_k = len(c["captions"]), cfg.model.max_neighbors
+    s, (t, d) = cfg.model.image_size, c["text_states"].shape[1:]
+    target = int(rng.integers(0, n))
+    k = int(rng.integers(1, min(max_k, n - 1) + 1))
+    others = np.delete(np.arange(n), target)
+    chosen = rng.permutation(others)[:k]  # never the target
+    flips = rng.random(n) < 0.5  # drawn for every member, so the stream of draws does not depend on k
+
+    def image(i: int) -> np.ndarray:
+        x = c["images"][i]
+        if augment and flips[i] and not _SIDED.search(c["captions"][i]):
+            x = x[:, :, ::-1]
+        return np.ascontiguousarray(x)
+
+    neighbor_images = np.zeros((max_k, 3, s, s), np.float32)
+    neighbor_states = np.zeros((max_k, t, d), np.float32)
+    neighbor_text_mask = np.zeros((max_k, t), bool)
+    neighbor_mask = np.zeros((max_k,), bool)
+    for slot, i in enumerate(chosen):
+        neighbor_images[slot] = image(int(i))
+        neighbor_states[slot] = c["text_states"][i]
+        neighbor_text_mask[slot] = c["text_mask"][i]
+        neighbor_mask[slot] = True
+    return {
+        "image": image(target),  # (3, S, S)
+        "text_states": c["text_states"][target],  # (T, D)
+        "text_mask": c["text_mask"][target],  # (T,)
+        "neighbor_images": neighbor_images,  # (K, 3, S, S)
+        "neighbor_text_states": neighbor_states,  # (K, T, D)
+        "neighbor_text_mask": neighbor_text_mask,  # (K, T)
+        "neighbor_mask": neighbor_mask,  # (K,)
+    }
+
+
+def example_rng(seed: int, epoch: int, cluster_id: str) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(seed, epoch, cluster_id))
+
+
+def _examples(batch: dict[str, np.ndarray], cfg: Config, seed: int, epoch: int) -> dict[str, np.ndarray]:
+    """Ray map_batches: a batch of cluster rows -> a batch of examples (stacked BATCH_KEYS arrays)."""
+    names = list(batch)
+    rows = [{k: batch[k][i] for k in names} for i in range(len(batch["cluster_id"]))]
+    examples = [build_example(r, cfg, example_rng(seed, epoch, str(r["cluster_id"]))) for r in rows]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def training_dataset(shard_dir: str, cfg: Config, seed: int, num_epochs: int):
+    """A Ray Dataset of training examples: `num_epochs` passes, clusters shuffled per epoch.
+
+    Shuffling acts on the compact cluster rows (PNG bytes, float16 states); examples are
+    expanded to float32 afterwards, streaming. Order is deterministic given `seed`.
+    """
+    import ray
+
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs={num_epochs}: must be >= 1")
+    files = [str(f) for f in shard_files(shard_dir)]
+    clusters = ray.data.read_parquet(files).materialize()  # compact; read once, shuffled every epoch
+    epochs = []
+    for epoch in range(num_epochs):
+        ds = clusters.random_shuffle(seed=derive_seed(seed, "shuffle", epoch) % 2**32)
+        ds.context.execution_options.preserve_order = True  # same seed, same order
+        epochs.append(ds.map_batches(_examples, batch_size=8, fn_kwargs=dict(cfg=cfg, seed=seed, epoch=epoch)))
+    return epochs[0].union(*epochs[1:]) if num_epochs > 1 else epochs[0]
+
+
+def cluster_grid(shard_dir: str | Path, num_clusters: int = 8, max_members: int = 8, cell: int = 64,
+                 seed: int = 0) -> Image.Image:  # fmt: skip
+    """A picture of mined clusters: one row per cluster (randomly chosen), its members left to right."""
+    clusters = load_clusters(shard_dir)
+    rng = np.random.default_rng(seed)
+    chosen = [clusters[i] for i in sorted(rng.choice(len(clusters), min(num_clusters, len(clusters)), replace=False))]
+    grid = Image.new("RGB", (cell * max_members, cell * len(chosen)), (255, 255, 255))
+    for row, c in enumerate(chosen):
+        for col, b in enumerate(c["images"][:max_members]):
+            img = Image.open(io.BytesIO(b)).convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(img, (col * cell, row * cell))
+    return grid

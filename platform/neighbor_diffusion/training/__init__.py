@@ -1,0 +1,1 @@
+"""Distributed training: Ray Train workers running a DeepSpeed engine around the model."""

@@ -1,0 +1,192 @@
+"""DeepSpeed and the pieces around it: config generation and validation, the objective
+module the engine wraps, EMA weights, and checkpoint files.
+
+This is the one place where distribution and precision are applied to the
+single-device model (STYLE.md principle 3).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from neighbor_diffusion import diffusion
+from neighbor_diffusion.config import Config, ConfigError
+from neighbor_diffusion.model import NeighborUNet
+
+ENGINE_TAG = "state"  # DeepSpeed checkpoint tag inside every Ray checkpoint
+EMA_FILE = "ema.safetensors"
+PROGRESS_FILE = "progress.json"
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config generated from ours (+ the user's JSON overrides, if any)."""
+    t = cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and use_gpu)
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+        if t.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # we hand DeepSpeed a torch AdamW
+        "steps_per_print": 10**9,  # progress is ours
+        "wall_clock_breakdown": False,
+    }
+    if t.offload:  # offloaded optimizer steps need DeepSpeed's CPU Adam (compiled on first use)
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay}}
+    if t.deepspeed_overrides:
+        ds = _merge(ds, json.loads(Path(t.deepspeed_overrides).read_text()))
+    return ds
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate_deepspeed_config(ds: dict[str, Any], world_size: int) -> None:
+    """Reject a config DeepSpeed would reject, before any worker starts; messages name the keys."""
+    micro, accum = ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps")
+    total = ds.get("train_batch_size")
+    if None in (micro, accum, total) or micro * accum * world_size != total:
+        raise ConfigError(
+            f"deepspeed: train_batch_size={total} must equal train_micro_batch_size_per_gpu={micro} x "
+            f"gradient_accumulation_steps={accum} x workers={world_size}"
+        )
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # DeepSpeedConfig sees world size 1 outside a process group: check the rest on a per-worker copy.
+    single = dict(ds, train_batch_size=micro * accum)
+    try:
+        DeepSpeedConfig(single)
+    except Exception as e:
+        raise ConfigError(f"deepspeed: {e}") from None
+
+
+# ---------------------------------------------------------------------------- objective
+
+
+class DiffusionObjective(nn.Module):
+    """What the DeepSpeed engine wraps: forward(batch) -> loss, so every parameter use
+    (neighbor encoding included) happens inside the engine's forward (ZeRO-3 hooks)."""
+
+    def __init__(self, unet: NeighborUNet, cfg: Config):
+        super().__init__()
+        self.unet = unet
+        self.diffusion_cfg = cfg.diffusion
+        self.scheduler = diffusion.train_scheduler(cfg.diffusion)
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        dtype = self.unet.dtype
+        batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        return diffusion.training_losses(self.unet, batch, self.scheduler, self.diffusion_cfg, generator=generator)
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup, then cosine decay to 10% of the peak rate."""
+    warmup, total = cfg.train.warmup_steps, cfg.train.steps
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """Training randomness (t, noise, dropout) is a function of (seed, rank, step): resuming is exact."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro)
+
+
+# ---------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """Exponential moving average of the UNet's weights, kept in fp32 on every rank.
+
+    Under ZeRO-3 a rank holds only a shard of each parameter, so the update gathers
+    the full parameters first; the EMA copy is therefore always a complete model,
+    which is what sampling and export need.
+    """
+
+    def __init__(self, unet: NeighborUNet, decay: float, zero_stage: int):
+        self.decay, self.zero_stage = decay, zero_stage
+        with self._gathered(unet):
+            self.model = copy.deepcopy(unet).float().eval().requires_grad_(False)
+
+    def _gathered(self, unet: nn.Module):
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(unet.parameters()), modifier_rank=None)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def update(self, unet: NeighborUNet, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # short warm-up, as in common EMA schedules
+        with self._gathered(unet):
+            for ema_p, p in zip(self.model.parameters(), unet.parameters()):
+                ema_p.lerp_(p.detach().to(ema_p.device, torch.float32), 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+
+    def save(self, path: Path) -> None:
+        save_file(self.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        self.model.load_state_dict(load_file(path))
+
+
+def read_progress(checkpoint_dir: Path) -> dict[str, Any]:
+    return json.loads((checkpoint_dir / PROGRESS_FILE).read_text())
+
+
+def model_state_bytes(engine) -> dict[str, int]:
+    """Bytes of model state this rank holds: parameters (its ZeRO-3 shard, if any) and
+    optimizer tensors (master weights and moments of its partition). Measured from the
+    tensors themselves, so it reflects what the ZeRO stage really partitioned."""
+    seen: set[int] = set()
+
+    def nbytes(t: torch.Tensor) -> int:
+        if t.data_ptr() in seen or t.numel() == 0:
+            return 0
+        seen.add(t.data_ptr())
+        return t.numel() * t.element_size()
+
+    params = 0
+    for p in engine.module.parameters():
+        params += nbytes(p.ds_tensor if hasattr(p, "ds_tensor") else p.data)
+    opt = 0
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            opt += nbytes(p.data)
+    for state in inner.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                opt += nbytes(v)
+    return {"param_bytes": params, "optimizer_bytes": opt, "total_bytes": params + opt}

@@ -1,0 +1,165 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+    build model (same seed on every rank) -> DeepSpeed engine -> resume from
+    ray.train.get_checkpoint() if any -> stream batches from this worker's dataset
+    shard -> steps (micro-batches x grad accumulation) -> EMA -> every N steps every
+    rank saves its DeepSpeed shard and reports it -> rank 0 logs to MLflow.
+
+Training randomness is a function of (seed, rank, step), and the data position is
+the number of batches consumed, so a resumed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neighbor_diffusion.config import Config
+from neighbor_diffusion.model import NeighborUNet
+from neighbor_diffusion.text import text_encoder_dim
+from neighbor_diffusion.training import engine as E
+
+
+def _batches(shard, batch_size: int, skip: int, device: torch.device):
+    """Yield (epoch, batch) forever; the first `skip` batches (already trained on) are passed over."""
+    epoch = 0
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
+            if skip > 0:
+                skip -= 1
+                continue
+            yield epoch, batch
+        epoch += 1
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    from neighbor_diffusion.tracking import RunLogger
+
+    cfg = Config.from_dict(loop_config["config"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_gpu = device.type == "cuda"
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    log = RunLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"), enabled=rank == 0)
+
+    # 1. model, identical on every rank
+    torch.manual_seed(t.seed)
+    unet = NeighborUNet.from_model_config(cfg.model, text_encoder_dim(cfg.text.encoder))
+    objective = E.DiffusionObjective(unet, cfg)
+    ds_config = E.deepspeed_config(cfg, world, use_gpu)
+    kwargs: dict[str, Any] = {}
+    if "optimizer" not in ds_config:  # a client torch optimizer avoids compiling fused_adam
+        kwargs["optimizer"] = torch.optim.AdamW(objective.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    # DeepSpeed steps the LR schedule at each optimizer step and keeps it in its checkpoints
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective,
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, E.lr_lambda(cfg)),
+        **kwargs,
+    )
+    ema = E.EMA(engine.module.unet, t.ema_decay, t.zero_stage)
+
+    # 2. resume
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=E.ENGINE_TAG)
+            ema.load(Path(d) / E.EMA_FILE)
+            start_step = E.read_progress(Path(d))["step"]
+        if rank == 0:
+            print(f"[train] resumed from checkpoint at step {start_step}", flush=True)
+    if rank == 0:
+        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.unet.parameters())
+        print(
+            f"[train] workers={world} zero_stage={t.zero_stage} params={n_params:,} device={device} "
+            f"steps {start_step}->{t.steps}",
+            flush=True,
+        )
+        log.params({"model.num_parameters": n_params})
+
+    # 3. steps
+    shard = ray.train.get_dataset_shard("train")
+    batches = _batches(shard, t.batch_size, start_step * t.grad_accum, device)
+    samples_per_step = t.batch_size * t.grad_accum * world
+    window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+    epoch = 0
+    run_start = time.perf_counter()
+    for step in range(start_step, t.steps):
+        step_start = time.perf_counter()
+        loss_sum = 0.0
+        for micro in range(t.grad_accum):
+            wait_start = time.perf_counter()
+            epoch, batch = next(batches)
+            window["wait"] += time.perf_counter() - wait_start
+            loss = engine(batch, E.step_generator(t.seed, rank, step, micro))
+            engine.backward(loss)
+            if t.zero_stage == 0 and micro == t.grad_accum - 1:
+                # DeepSpeed records the norm only for ZeRO optimizers; grads are all-reduced by now
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.parameters() if p.grad is not None])
+            engine.step()
+            loss_sum += loss.item()
+        if t.zero_stage > 0:
+            grad_norm = engine.get_global_grad_norm()
+        ema.update(engine.module.unet, step)
+        window["loss"] += loss_sum / t.grad_accum
+        window["n"] += 1
+        window["time"] += time.perf_counter() - step_start
+        done = step + 1
+        metrics: dict[str, float] = {}
+        if done % t.log_every == 0 or done == t.steps or done % t.checkpoint_every == 0:
+            loss_t = torch.tensor(window["loss"] / window["n"])
+            torch.distributed.all_reduce(loss_t)  # mean over ranks, for the log only
+            metrics = {
+                "loss": loss_t.item() / world,
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(grad_norm),
+                "samples_per_s": samples_per_step * window["n"] / window["time"],
+                "data_wait_fraction": window["wait"] / window["time"],
+                "epoch": epoch,
+                "step": done,
+            }
+            if rank == 0:
+                eta = (t.steps - done) * window["time"] / window["n"]
+                print(
+                    f"[train] step {done}/{t.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                    f"{metrics['samples_per_s']:.1f} samples/s data-wait {100 * metrics['data_wait_fraction']:.1f}% "
+                    f"ETA {eta:.0f}s",
+                    flush=True,
+                )
+                log.metrics(metrics, step=done)
+            window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+        if rank == 0 and t.sample_every and (done % t.sample_every == 0) and done != t.steps:
+            log.sample_grid(cfg, ema.model, done)
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            _save_and_report(engine, ema, cfg, rank, done, metrics or {"step": done})
+        elif metrics:
+            ray.train.report(metrics)
+    if rank == 0:
+        print(f"[train] finished {t.steps - start_step} steps in {time.perf_counter() - run_start:.0f}s", flush=True)
+        log.metrics({"model_state_bytes_rank0": E.model_state_bytes(engine)["total_bytes"]}, step=t.steps)
+
+
+def _save_and_report(engine, ema: E.EMA, cfg: Config, rank: int, step: int, metrics: dict[str, float]) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=E.ENGINE_TAG)  # collective: every rank writes its shard
+        if rank == 0:
+            ema.save(Path(tmp) / E.EMA_FILE)
+            progress = {"step": step, "config": cfg.to_dict(), "state_bytes_rank0": E.model_state_bytes(engine)}
+            (Path(tmp) / E.PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

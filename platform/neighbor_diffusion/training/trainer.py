@@ -1,0 +1,161 @@
+"""Driver side of training: Ray, the TorchTrainer, MLflow run, export and registry.
+
+`train(cfg, dataset)` validates the DeepSpeed config before any worker starts, creates
+(or, when resuming, reuses) the MLflow run, runs `train_loop_per_worker` on
+`cfg.train.num_workers` Ray Train workers, then exports the EMA weights of the last
+checkpoint as a `NeighborDiffusionPipeline` folder and registers it in MLflow.
+Re-running with the same `train.run_name` and `train.storage_path` resumes a stopped run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from neighbor_diffusion import tracking
+from neighbor_diffusion.config import Config
+from neighbor_diffusion.training import engine as E
+from neighbor_diffusion.training.loop import train_loop_per_worker
+
+EXPERIMENT = "neighbor-diffusion"
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    pipeline_dir: Path
+    metrics: dict
+    model_uri: str | None
+    checkpoint_path: str
+
+
+def epochs_needed(cfg: Config, num_clusters: int) -> int:
+    """Passes over the clusters (one example per cluster per pass) that cover every step, plus one spare:
+    each worker then streams a single long pass and no worker waits on another at an epoch boundary."""
+    t = cfg.train
+    if num_clusters < 1:
+        raise ValueError("no clusters to train on: the mined shards are empty")
+    examples = t.steps * t.batch_size * t.grad_accum * t.num_workers
+    return math.ceil(examples / num_clusters) + 1
+
+
+def start_ray(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start Ray in process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    # Logical CPUs beyond the cores: train workers must not take every CPU, or Ray Data stalls.
+    ray.init(num_cpus=cfg.train.ray_cpus or (os.cpu_count() or 2) + 2, include_dashboard=False, log_to_driver=True)
+
+
+def storage_root(cfg: Config) -> str:
+    path = cfg.train.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _mlflow_run(cfg: Config, run_dir: Path | None) -> str:
+    """A new MLflow run, or the one this Ray run used before (resume keeps one MLflow run)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    experiment_id = tracking.setup(EXPERIMENT)
+    marker = run_dir / "mlflow_run_id" if run_dir else None
+    client = MlflowClient()
+    if marker and marker.is_file():
+        run_id = marker.read_text().strip()
+        try:
+            client.get_run(run_id)
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        except Exception:  # noqa: BLE001 - a store that lost the run: start a fresh one
+            pass
+    run = client.create_run(
+        experiment_id,
+        run_name=cfg.train.run_name,
+        tags={"preset": cfg.preset, "mlflow.source.git.commit": tracking.git_commit()},
+    )
+    logger = tracking.RunLogger(run.info.run_id, mlflow.get_tracking_uri())
+    logger.params(cfg.flat())
+    if marker:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def build_trainer(cfg: Config, datasets: dict, run_id: str | None):
+    import mlflow
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    ds_config = E.deepspeed_config(cfg, t.num_workers, t.use_gpu)
+    E.validate_deepspeed_config(ds_config, t.num_workers)  # fail here, not in every worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": run_id,
+            "tracking_uri": mlflow.get_tracking_uri() if run_id else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"GPU": 1, "CPU": t.cpus_per_worker} if t.use_gpu else {"CPU": t.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=t.run_name,
+            storage_path=storage_root(cfg),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets=datasets,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+    )
+
+
+def export_pipeline(cfg: Config, checkpoint_dir: Path, out_dir: Path):
+    """EMA weights of a checkpoint -> a NeighborDiffusionPipeline folder (safetensors); returns the pipeline."""
+    from safetensors.torch import load_file
+
+    from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
+
+    pipe = NeighborDiffusionPipeline.from_config(cfg)
+    pipe.unet.load_state_dict(load_file(checkpoint_dir / E.EMA_FILE))
+    pipe.save_pretrained(out_dir)
+    return pipe
+
+
+def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "candidate") -> TrainOutcome:
+    import mlflow
+
+    start_ray(cfg)
+    root = storage_root(cfg)
+    run_dir = None if "://" in root else Path(root) / cfg.train.run_name
+    run_id = _mlflow_run(cfg, run_dir)
+    result = build_trainer(cfg, datasets, run_id).fit()
+    if result.error:
+        raise result.error
+    out_dir = (run_dir or Path("runs") / cfg.train.run_name) / "pipeline"
+    with result.checkpoint.as_directory() as d:
+        pipe = export_pipeline(cfg, Path(d), out_dir)
+    logger = tracking.RunLogger(run_id, mlflow.get_tracking_uri())
+    logger.sample_grid(cfg, pipe.unet, cfg.train.steps, out_dir=out_dir.parent)
+    model_uri = None
+    if register:
+        version = tracking.register_pipeline(
+            run_id, out_dir, cfg.train.registered_model, alias, tags={"preset": cfg.preset, "steps": cfg.train.steps}
+        )
+        model_uri = f"models:/{cfg.train.registered_model}@{alias}"
+        print(f"[train] registered {cfg.train.registered_model} version {version.version} as {model_uri}")
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.set_tag(run_id, "checkpoint", result.checkpoint.path)
+    client.set_terminated(run_id)
+    return TrainOutcome(run_id, out_dir, dict(result.metrics or {}), model_uri, result.checkpoint.path)

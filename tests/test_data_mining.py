@@ -1,0 +1,184 @@
+"""Cluster mining: every bad-data case is dropped and counted by reason, good data is kept, end to end on Ray."""
+
+import dataclasses
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from neighbor_diffusion.config import debug
+from neighbor_diffusion.data import crawl, mining, world
+
+S = 32
+
+
+def _jpeg(color=(200, 40, 40), size=(64, 64)) -> bytes:
+    return crawl.encode(Image.new("RGB", size, color), "JPEG")
+
+
+def _record(image=None, caption=b"a photo of the toy on a snowy field", meta=None, key="000000001"):
+    meta = (
+        {"url": "https://cdn.example.com/x.jpg", "page_url": "https://shop.example.com/p/1"} if meta is None else meta
+    )
+    return {"key": key, "shard": "00000.tar", "index": 0, "image": _jpeg() if image is None else image, "ext": "jpg",
+            "caption": caption, "meta": json.dumps(meta).encode()}  # fmt: skip
+
+
+def _status(rec) -> str:
+    return mining.validate_record(rec, S, min_side=16, max_pixels=4096 * 4096)["status"]
+
+
+@pytest.mark.parametrize(
+    "rec, reason",
+    [
+        (_record(image=b"<html>404</html>"), "image_undecodable"),
+        (_record(image=_jpeg()[:300]), "image_truncated"),
+        (_record(image=b""), "image_empty"),
+        (_record(image=crawl.bomb_png()), "image_too_large"),
+        (_record(image=_jpeg(size=(8, 8))), "image_too_small"),
+        (_record(caption=b"\xff\xfe caf\xe9"), "caption_not_utf8"),
+        (_record(caption=b"   "), "caption_empty"),
+        (_record(caption=b"IMG_2041.JPG"), "caption_junk"),
+        (_record(caption=b"Buy Now"), "caption_junk"),
+        (_record(caption=None), "caption_missing"),
+        (_record(meta={"url": "https://cdn.example.com/x.jpg"}), "missing_page_url"),
+        (dict(_record(), meta=b"{not json"), "bad_metadata"),
+        (dict(_record(), image=None), "missing_image"),
+    ],
+)
+def test_bad_records_are_dropped_with_their_reason(rec, reason):
+    assert _status(rec) == reason
+
+
+@pytest.mark.parametrize("mode", crawl.ODD_MODES)
+def test_odd_modes_are_converted_not_dropped(mode):
+    data, _ = crawl.odd_mode_bytes(Image.new("RGB", (64, 48), (30, 160, 60)), mode)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    row = mining.validate_record(_record(image=data), S, 16, 4096 * 4096)
+    assert row["status"] == mining.OK and row["mode"] == mode
+    out = Image.open(io.BytesIO(row["image"]))
+    assert out.mode == "RGB" and out.size == (S, S)
+
+
+def test_caption_cleanup_and_url_normalisation():
+    assert mining.clean_caption(b"  A Photo of the  <b>Mug</b> &amp; friends ") == (
+        "a photo of the mug & friends",
+        "ok",
+    )
+    variants = [
+        "https://www.Shop.example.com/p/item-3/",
+        "http://shop.example.com/p/item-3?utm_source=feed&ref=home",
+        "https://shop.example.com/p/item-3#img2",
+    ]
+    assert len({mining.normalize_page_url(u) for u in variants}) == 1
+    assert mining.normalize_page_url("https://a.com/p?id=1") != mining.normalize_page_url("https://a.com/p?id=2")
+
+
+def _tar(members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_parse_tar_truncated_and_duplicate_keys():
+    members = []
+    for key in ("a1", "a2", "a2", "a3"):  # a2 twice: a duplicate key
+        members += [(f"{key}.jpg", _jpeg()), (f"{key}.txt", b"a toy"), (f"{key}.json", b"{}")]
+    data = _tar(members)
+    records, truncated = mining.parse_tar(data, "s.tar")
+    assert not truncated and [r["key"] for r in records] == ["a1", "a2", "a2", "a3"]
+    cut, truncated = mining.parse_tar(data[: len(data) // 2 + 7], "s.tar")
+    assert truncated and 1 <= len(cut) < 4  # what came before the cut is kept
+    assert [r["key"] for r in cut] == ["a1", "a2", "a2", "a3"][: len(cut)]
+    header_cut, truncated = mining.parse_tar(data[:1100], "s.tar")  # cut inside a header: tarfile sees EOF
+    assert truncated
+
+
+def test_filter_group_drops_outliers_and_scores_coherence():
+    rng = np.random.default_rng(0)
+    base = rng.random(16)
+    same = np.stack([base + 0.05 * rng.random(16) for _ in range(5)])
+    outliers = np.eye(16)[[0, 5]]
+    keep, coherence = mining.filter_group(np.concatenate([same, outliers]), outlier_threshold=0.6)
+    assert keep.tolist() == [True] * 5 + [False] * 2 and coherence > 0.95
+    keep, coherence = mining.filter_group(np.eye(16)[:4], outlier_threshold=0.6)
+    assert keep.sum() <= 1 and coherence == 0.0
+
+
+def test_descriptor_same_subject_closer_than_other_subject():
+    embed = mining.DescriptorEmbedder()
+    rng = np.random.default_rng(1)
+    a, b = world.make_subject(0), world.make_subject(6)  # same class ("toy"), different subjects
+    ea = embed([world.render(a, world.sample_context(rng, 0, 0, 0), 96) for _ in range(6)])
+    eb = embed([world.render(b, world.sample_context(rng, 0, 0, 0), 96) for _ in range(6)])
+    within = (ea @ ea.T)[np.triu_indices(6, 1)].mean()
+    across = (ea @ eb.T).mean()
+    assert within > across + 0.2, (within, across)
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory):
+    """The debug preset's crawl (every bad case injected once) mined on a local 2-CPU Ray."""
+    import ray
+
+    cfg = debug()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_pages=30, bad_records=1))
+    out = tmp_path_factory.mktemp("mined")
+    crawl.generate_crawl(cfg, out)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        manifest = mining.mine(cfg, input_dir=out / "crawl", out_dir=out, truth_path=out / "ground_truth.parquet")
+    finally:
+        ray.shutdown()
+    return cfg, out, manifest
+
+
+def test_mining_end_to_end_counts_every_bad_case(mined):
+    cfg, out, manifest = mined
+    drops = manifest["pairs_dropped_by_reason"]
+    for kind in crawl.BAD_KINDS:
+        if kind == "caption_empty":  # empty alt texts also occur naturally among junk captions
+            assert drops.get(kind, 0) >= cfg.data.bad_records, (kind, drops)
+        else:
+            assert drops.get(kind) == cfg.data.bad_records, (kind, drops)
+    assert manifest["truncated_tars"] == 1
+    assert set(manifest["converted_modes"]) == set(crawl.ODD_MODES)
+    # nothing good lost: every valid record of the crawl reached the filter
+    truth = pq.read_table(out / "ground_truth.parquet").to_pylist()
+    readable_truncated = len(mining.parse_tar((out / "crawl" / "99999.tar").read_bytes(), "99999.tar")[0])
+    good = [t for t in truth if t["bad"] == "" and not t["caption_junk"] and t["shard"] != 99999]
+    assert manifest["pairs_valid"] == len(good) + readable_truncated
+    assert manifest["pairs_in"] == manifest["pairs_valid"] + sum(
+        v for k, v in drops.items() if k not in ("outlier", "incoherent", "cluster_too_small")
+    )
+    assert manifest["pairs_valid"] == manifest["pairs_out"] + drops.get("outlier", 0) + drops.get(
+        "incoherent", 0
+    ) + drops.get("cluster_too_small", 0)
+    assert manifest["filter"]["precision"] >= 0.9 and manifest["filter"]["recall"] >= 0.85
+
+
+def test_cluster_shards_follow_the_schema(mined):
+    cfg, out, manifest = mined
+    files = sorted((out / "clusters").glob("*.parquet"))
+    table = pq.read_table(files[0]).schema
+    assert table.names == mining.CLUSTER_SCHEMA.names
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == manifest["clusters_out"] > 0
+    assert sum(r["num_members"] for r in rows) == manifest["pairs_out"]
+    truth = {t["key"]: t for t in pq.read_table(out / "ground_truth.parquet").to_pylist() if t["bad"] == ""}
+    for r in rows:
+        n = r["num_members"]
+        assert n >= cfg.data.min_cluster_size and len(r["images"]) == len(r["captions"]) == len(r["keys"]) == n
+        assert r["text_shape"] == [n, cfg.text.max_length, 32] and r["text_encoder"] == "tiny"
+        assert len(r["text_states"]) == n * cfg.text.max_length * 32 * 2  # float16
+        assert Image.open(io.BytesIO(r["images"][0])).size == (S, S)
+        pages = {truth[k]["canonical_page_url"] for k in r["keys"] if k in truth}
+        assert len(pages) == 1  # one cluster = one page, however its URL was spelled

@@ -1,0 +1,129 @@
+"""The training example stream: invariants of the pure builder, then the Ray Dataset (keys, shapes, determinism)."""
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from neighbor_diffusion.config import debug
+from neighbor_diffusion.data import stream
+from neighbor_diffusion.data.images import encode_png
+from neighbor_diffusion.data.mining import CLUSTER_SCHEMA
+from neighbor_diffusion.diffusion import BATCH_KEYS
+
+S, T, D = 32, 32, 32  # debug preset: image_size, text.max_length, tiny encoder width
+
+
+def make_cluster(cid: str, n: int, base: int, captions=None) -> dict:
+    """Member i is a flat image of value base+i (so it can be told apart) with text states filled with base+i."""
+    images = [encode_png(Image.new("RGB", (S, S), (base + i, 0, 0))) for i in range(n)]
+    states = np.stack([np.full((T, D), base + i, np.float16) for i in range(n)])
+    mask = np.zeros((n, T), np.uint8)
+    mask[:, :5] = 1
+    return {
+        "cluster_id": cid, "num_members": n, "image_size": S, "images": images,
+        "captions": captions or [f"a photo of the toy {i}" for i in range(n)], "keys": [f"{cid}-{i}" for i in range(n)],
+        "urls": [""] * n, "coherence": 0.9, "text_encoder": "tiny", "text_states": states.tobytes(),
+        "text_mask": mask.tobytes(), "text_shape": [n, T, D],
+    }  # fmt: skip
+
+
+def member_ids(example) -> tuple[int, list[int]]:
+    value = lambda img: int(round((float(img[0, 0, 0]) + 1) * 127.5))  # noqa: E731
+    k = int(example["neighbor_mask"].sum())
+    return value(example["image"]), [value(example["neighbor_images"][j]) for j in range(k)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 7])
+def test_target_never_a_neighbor_and_k_in_bounds(n):
+    cfg = debug()
+    max_k = cfg.model.max_neighbors
+    ks = set()
+    for seed in range(40):
+        ex = stream.build_example(make_cluster("c", n, base=100), cfg, np.random.default_rng(seed))
+        assert set(ex) == set(BATCH_KEYS)
+        target, neighbors = member_ids(ex)
+        assert target not in neighbors and len(set(neighbors)) == len(neighbors)
+        k = len(neighbors)
+        ks.add(k)
+        assert 1 <= k <= min(max_k, n - 1)
+        # masks: real neighbors first, padding slots zero and False
+        assert ex["neighbor_mask"].tolist() == [True] * k + [False] * (max_k - k)
+        assert not ex["neighbor_images"][k:].any() and not ex["neighbor_text_states"][k:].any()
+        assert not ex["neighbor_text_mask"][k:].any() and ex["neighbor_text_mask"][:k].any(axis=1).all()
+        # each neighbor's caption states belong to that neighbor's image
+        for j, v in enumerate(neighbors):
+            assert ex["neighbor_text_states"][j, 0, 0] == v
+        assert ex["text_states"][0, 0] == target
+    assert ks == set(range(1, min(max_k, n - 1) + 1))  # every k is drawn
+
+
+def test_shapes_dtypes_and_determinism():
+    cfg = debug()
+    c = make_cluster("c", 5, base=50)
+    a = stream.build_example(c, cfg, np.random.default_rng(3))
+    b = stream.build_example(c, cfg, np.random.default_rng(3))
+    K = cfg.model.max_neighbors
+    shapes = {"image": (3, S, S), "text_states": (T, D), "text_mask": (T,), "neighbor_images": (K, 3, S, S),
+              "neighbor_text_states": (K, T, D), "neighbor_text_mask": (K, T), "neighbor_mask": (K,)}  # fmt: skip
+    for key, shape in shapes.items():
+        assert a[key].shape == shape, key
+        assert a[key].dtype == (bool if "mask" in key else np.float32), key
+        np.testing.assert_array_equal(a[key], b[key])
+    assert -1.0 <= a["image"].min() and a["image"].max() <= 1.0
+
+
+def test_flip_keeps_sided_captions_true():
+    cfg = debug()
+    img = np.zeros((S, S, 3), np.uint8)
+    img[:, : S // 2] = 255  # bright left half
+    c = make_cluster("c", 2, base=0, captions=["the toy on the left", "the toy in a forest"])
+    c["images"] = [encode_png(Image.fromarray(img))] * 2
+    flipped = {0: set(), 1: set()}
+    for seed in range(30):
+        ex = stream.build_example(c, cfg, np.random.default_rng(seed))
+        target = int(round(float(ex["text_states"][0, 0])))
+        flipped[target].add(bool(ex["image"][0, 0, 0] < 0))  # left column dark: mirrored
+    assert flipped[0] == {False}  # "on the left" is never mirrored
+    assert flipped[1] == {False, True}  # other captions are, sometimes
+
+
+def test_wrong_text_settings_name_the_field():
+    cfg = debug()
+    bad = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, encoder="minilm"))
+    with pytest.raises(ValueError, match="text.encoder"):
+        stream.build_example(make_cluster("c", 3, 0), bad, np.random.default_rng(0))
+
+
+def test_training_dataset_on_ray(tmp_path):
+    import ray
+
+    cfg = debug()
+    clusters = [make_cluster(f"c{i:02d}", n=2 + i % 4, base=10 * i) for i in range(12)]
+    pq.write_table(pa.Table.from_pylist(clusters[:7], schema=CLUSTER_SCHEMA), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(clusters[7:], schema=CLUSTER_SCHEMA), tmp_path / "b.parquet")
+    assert [c["cluster_id"] for c in stream.load_clusters(tmp_path)] == [c["cluster_id"] for c in clusters]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+
+        def run(seed):
+            targets, batch = [], None
+            for batch in stream.training_dataset(str(tmp_path), cfg, seed=seed, num_epochs=2).iter_torch_batches(
+                batch_size=5
+            ):
+                targets += [int(round(float(t))) for t in batch["text_states"][:, 0, 0]]
+            return targets, batch
+
+        first, batch = run(0)
+        again, _ = run(0)
+        other, _ = run(1)
+    finally:
+        ray.shutdown()
+    assert set(batch) == set(BATCH_KEYS) and batch["neighbor_images"].shape[1:] == (cfg.model.max_neighbors, 3, S, S)
+    assert first == again and first != other  # deterministic given the seed
+    assert len(first) == 2 * len(clusters)
+    for epoch in (first[:12], first[12:]):  # one example per cluster per epoch
+        assert sorted(v // 10 for v in epoch) == list(range(12))

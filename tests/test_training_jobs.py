@@ -1,0 +1,270 @@
+"""The training job as users run it: killed workers, a killed driver, `ray job submit`, two nodes.
+
+These run `jobs/*.py` in subprocesses on the debug preset and debug data mined once
+per module, and take a minute or two each.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {
+    **os.environ,
+    "PYTHONPATH": f"{ROOT / 'platform'}:{ROOT}",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def debug_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    subprocess.run(
+        [sys.executable, "jobs/prepare_data.py", "--preset", "debug", "--data.root", str(root)],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return root
+
+
+def _train_cmd(data_root, storage, run_name, steps, *extra):
+    return [
+        sys.executable,
+        "jobs/train.py",
+        "--preset",
+        "debug",
+        "--data.root",
+        str(data_root),
+        "--train.storage_path",
+        str(storage),
+        "--train.run_name",
+        run_name,
+        "--train.steps",
+        str(steps),
+        "--train.checkpoint_every",
+        "4",
+        "--train.log_every",
+        "2",
+        "--train.num_workers",
+        "2",
+        "--train.keep_checkpoints",
+        "3",
+        "--no-register",
+        *extra,
+    ]
+
+
+def _latest_step(run_dir: Path) -> int:
+    """The step of the newest checkpoint Ray Train has *registered* (written to disk is not enough:
+    a checkpoint reported just before a crash may not have reached the controller yet)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+    return max((r["metrics"]["step"] for r in results), default=0)
+
+
+def _wait_for_checkpoint(proc, run_dir: Path, timeout=400) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (step := _latest_step(run_dir)) > 0:
+            return step
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(1)
+    raise TimeoutError("no checkpoint appeared")
+
+
+def _train_workers(root_pid: int) -> list[psutil.Process]:
+    procs = psutil.Process(root_pid).children(recursive=True)
+    return [p for p in procs if "RayTrainWorker" in " ".join(p.cmdline() or [])]
+
+
+def _run(cmd, env, log: Path, **kw):
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, **kw)
+
+
+def test_killed_worker_resumes_from_latest_checkpoint(debug_data, tmp_path):
+    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    log = tmp_path / "train.log"
+    proc = _run(_train_cmd(debug_data, tmp_path / "runs", "ft", 40, "--train.max_failures", "2"), env, log)
+    try:
+        reached = _wait_for_checkpoint(proc, tmp_path / "runs" / "ft")
+        workers = _train_workers(proc.pid)
+        assert len(workers) == 2, [w.cmdline() for w in workers]
+        victim = workers[1]
+        print("killing", victim.pid, victim.cmdline())
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        proc.kill()
+    text = log.read_text()
+    resumed = [int(x.split("at step ")[1].split()[0]) for x in text.splitlines() if "resumed from checkpoint" in x]
+    assert resumed and resumed[0] >= reached, text[-3000:]
+    assert _latest_step(tmp_path / "runs" / "ft") == 40
+
+
+def test_rerun_of_a_killed_job_continues_from_its_checkpoint(debug_data, tmp_path):
+    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    cmd = _train_cmd(debug_data, tmp_path / "runs", "rerun", 12)
+    first = _run(cmd, env, tmp_path / "first.log", start_new_session=True)
+    try:
+        reached = _wait_for_checkpoint(first, tmp_path / "runs" / "rerun")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started: a lost head node
+        first.wait()
+    time.sleep(2)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    out = second.stdout + second.stderr
+    assert "resumed from checkpoint at step" in out, out[-3000:]
+    resumed = int(out.split("resumed from checkpoint at step ")[1].split()[0])
+    assert resumed >= reached > 0
+    assert f"steps {resumed}->12" in out and "steps 0->12" not in out, out[-3000:]
+    assert _latest_step(tmp_path / "runs" / "rerun") == 12
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_head(temp_dir: Path) -> None:
+    """Stop exactly the Ray head started under temp_dir (never `ray stop`: it ends every Ray on the machine)."""
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if str(temp_dir) in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        except psutil.Error:
+            pass
+
+
+def test_ray_job_submit_against_a_local_head(debug_data, tmp_path):
+    import yaml
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**ENV, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    port, dash = _free_port(), _free_port()
+    import tempfile
+
+    # short (Unix socket paths are capped at 107 bytes) and unique: it names this head's processes
+    temp_dir = Path(tempfile.mkdtemp(prefix="ndray", dir="/tmp"))
+    start = subprocess.run(
+        [
+            f"{bin_dir}/ray",
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=4",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        runtime_env = yaml.safe_load((ROOT / "infra/runtime_env/local.yaml").read_text())
+        runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+        (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+        submit_cmd = [
+            f"{bin_dir}/ray",
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--runtime-env",
+            str(tmp_path / "runtime_env.yaml"),
+            "--",
+            "python",
+            "jobs/train.py",
+            "--preset",
+            "debug",
+            "--data.root",
+            str(debug_data),
+            "--train.storage_path",
+            str(tmp_path / "runs"),
+            "--train.steps",
+            "4",
+            "--train.checkpoint_every",
+            "4",
+            "--train.num_workers",
+            "2",
+            "--train.cpus_per_worker",
+            "0.5",
+        ]
+        for _ in range(30):  # the head's job agent comes up a little after `ray start` returns
+            submit = subprocess.run(submit_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            out = submit.stdout + submit.stderr
+            if "No available agent" not in out:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0 and "succeeded" in out, out[-4000:]
+        assert "[train] step 4/4" in out and "registered neighbor-diffusion version 1" in out, out[-4000:]
+    finally:
+        _kill_head(temp_dir)
+    assert (tmp_path / "runs" / "neighbor-diffusion" / "pipeline" / "neighbor_diffusion.json").is_file()
+
+
+def test_two_node_cluster_places_workers_on_both_nodes(tmp_path, monkeypatch):
+    import dataclasses
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from conftest import synthetic_rows
+    from neighbor_diffusion import config as C
+    from neighbor_diffusion.training import trainer
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    try:
+        ray.init(address=cluster.address)
+        cfg = C.debug()
+        cfg = dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(
+                cfg.train,
+                steps=4,
+                checkpoint_every=2,
+                log_every=2,
+                batch_size=4,
+                num_workers=2,
+                cpus_per_worker=1.5,
+                storage_path=str(tmp_path / "shared"),
+                run_name="two-nodes",
+            ),
+        )
+        out = trainer.train(cfg, {"train": ray.data.from_items(synthetic_rows(cfg, 64))}, register=False)
+        assert out.metrics["step"] == 4
+        # the actor table lives in the GCS (the state API would need the dashboard)
+        from ray._private.state import state
+
+        workers = [a for a in state.actor_table(None).values() if a["ActorClassName"] == "RayTrainWorker"]
+        assert len(workers) == 2 and len({w["Address"]["NodeID"] for w in workers}) == 2, workers
+        # both ranks wrote their DeepSpeed shard into the one shared checkpoint
+        assert (Path(out.checkpoint_path) / "state" / "mp_rank_00_model_states.pt").is_file()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
