@@ -51,7 +51,8 @@ def start_ray(cfg: Config) -> None:
         ray.init()
         return
     # Logical CPUs beyond the cores: train workers must not take every CPU, or Ray Data stalls.
-    ray.init(num_cpus=cfg.train.ray_cpus or (os.cpu_count() or 2) + 2, include_dashboard=False, log_to_driver=True)
+    # address="local": a new instance even when another Ray already runs on this machine.
+    ray.init(address="local", num_cpus=cfg.train.ray_cpus or (os.cpu_count() or 2) + 2, include_dashboard=False)
 
 
 def storage_root(cfg: Config) -> str:

@@ -1,0 +1,149 @@
+"""Evaluate a trained model on the subject-world benchmark, beside its baselines.
+
+    python jobs/evaluate.py --model runs/neighbor-diffusion/pipeline --quick      # ~2 min on 2 CPU cores
+    python jobs/evaluate.py --model models:/neighbor-diffusion@candidate --dreambooth
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/evaluate.py --model ...
+
+Held-out subjects, K demonstrations each, prompts that ask for contexts (including
+combinations unseen in training) -> the neighbor model, the text-only baseline (and,
+with --dreambooth, per-subject fine-tuning as Ray tasks) -> identity, text fidelity,
+copy rate, adaptation seconds per subject -> MLflow (metrics, table, sample grid) and
+results.json / results.md in --out. The metrics are validated on renders first
+(--validate N queries) and those numbers are logged with the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # for `ray job submit --working-dir .`
+
+from neighbor_diffusion import tracking  # noqa: E402
+from neighbor_diffusion.evaluation import baselines, benchmark, metrics, runner  # noqa: E402
+
+EXPERIMENT = "neighbor-diffusion-eval"
+# preset -> benchmark size: (subjects, prompts per subject, sampling steps, validation queries)
+PRESET_SIZES = {"debug": (2, 2, 5, 0), "cpu": (8, 4, None, 60)}
+QUICK = (4, 2, 20, 0)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a folder")
+    p.add_argument("--preset", default="", help="benchmark size (debug, cpu, ...); default: the model's preset")
+    p.add_argument("--quick", action="store_true", help="4 subjects x 2 prompts, 20 steps, no validation")
+    p.add_argument("--subjects", type=int, default=None, help="held-out subjects (default: by preset)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per subject (default: by preset)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: by preset / the model)")
+    p.add_argument("--text-guidance", type=float, default=None)
+    p.add_argument("--neighbor-guidance", type=float, default=None)
+    p.add_argument("--text-only-model", default="", help="a model trained with neighbors always dropped")
+    p.add_argument(
+        "--dreambooth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the fine-tuning baseline (default: on, off with --quick)",
+    )
+    p.add_argument("--dreambooth-steps", type=int, default=200)
+    p.add_argument("--validate", type=int, default=None, help="metric validation queries on renders (0: skip)")
+    p.add_argument("--workers", type=int, default=0, help="generation actors (0: the cluster's CPUs, max 8)")
+    p.add_argument("--dreambench", default="", help="a DreamBench-format folder: adds DINO / CLIP-I / CLIP-T")
+    p.add_argument("--embedder", action="append", default=[], help="local CLIP or DINO folder (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="report folder (default: runs/eval/<time>)")
+    p.add_argument("--no-mlflow", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> runner.EvalResult:
+    args = parse(argv)
+    t_start = time.perf_counter()
+    model_dir = str(tracking.resolve_pipeline_dir(args.model))
+    preset = args.preset or runner.load_config(model_dir).preset
+    subjects, prompts, steps, validate = QUICK if args.quick else PRESET_SIZES.get(preset, PRESET_SIZES["cpu"])
+    dreambooth_on = args.dreambooth if args.dreambooth is not None else not args.quick
+
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray and os.environ.get("RAY_ADDRESS"):
+        ray.init()  # under `ray job submit`: the cluster's workers
+    elif started_ray:  # spare logical CPUs: actors must not take every CPU, or Ray Data stalls
+        ray.init(address="local", num_cpus=(os.cpu_count() or 2) + 2, include_dashboard=False, log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    resources = ray.cluster_resources()
+    settings = runner.EvalSettings(
+        model_dir=model_dir,
+        text_only_dir=str(tracking.resolve_pipeline_dir(args.text_only_model)) if args.text_only_model else "",
+        num_subjects=args.subjects or subjects,
+        prompts_per_subject=args.prompts or prompts,
+        num_inference_steps=args.steps or steps,
+        text_guidance=args.text_guidance,
+        neighbor_guidance=args.neighbor_guidance,
+        dreambooth=baselines.DreamBoothConfig(steps=args.dreambooth_steps, seed=args.seed) if dreambooth_on else None,
+        workers=args.workers or max(1, min(8, int(resources.get("CPU", 3)) - 2)),
+        gpus_per_worker=1.0 if resources.get("GPU", 0) >= 1 else 0.0,
+        seed=args.seed,
+        extra={"model_uri": args.model, "preset": preset, "quick": args.quick},
+    )
+    n_validate = validate if args.validate is None else args.validate
+    validation = {}
+    if n_validate:
+        size = runner.load_config(model_dir).model.image_size
+        print(f"[evaluate] validating the metrics on {n_validate} renders per check ...", flush=True)
+        validation = metrics.validate_identity(n_validate, size) | metrics.validate_detectors(n_validate, size)
+        validation |= metrics.validate_copy(n_validate, size)
+
+    print(
+        f"[evaluate] {model_dir}: {settings.num_subjects} subjects x {settings.prompts_per_subject} prompts, "
+        f"{settings.workers} workers, dreambooth {'on' if dreambooth_on else 'off'}",
+        flush=True,
+    )
+    result = runner.run(settings)
+    meta = runner.meta(settings, result) | {"metric_validation": validation}
+    if args.dreambench and args.embedder:
+        meta["dreambench"] = runner.dreambench_scores(settings, args.dreambench, args.embedder)
+        print(f"[evaluate] DreamBench-style: {meta['dreambench']}", flush=True)
+    elif args.dreambench:
+        print("[evaluate] --dreambench needs --embedder (a local CLIP or DINO folder); skipped", flush=True)
+    meta["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+
+    out = Path(args.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}")
+    json_path, md_path = benchmark.write_report(out, result.table, meta)
+    grid_path = out / "samples.png"
+    result.grid.save(grid_path)
+    (out / "scores.jsonl").write_text("\n".join(json.dumps(r, default=str) for r in result.rows) + "\n")
+    if not args.no_mlflow:
+        run_id = tracking.start_run(EXPERIMENT, f"eval-{preset}", tags={"model": args.model, "quick": args.quick})
+        logger = tracking.RunLogger(run_id)
+        logger.params({k: v for k, v in meta.items() if k != "metric_validation"})
+        logger.metrics(
+            {
+                f"{row['method']}/{k}": v
+                for row in result.table
+                for k, v in row.items()
+                if isinstance(v, float) and v == v
+            }
+            | {f"validation/{k}": v for k, v in validation.items()},
+            step=0,
+        )
+        tracking.log_table(run_id, result.table, "results_table.json")
+        tracking.log_files(run_id, [json_path, md_path, grid_path, out / "scores.jsonl"], "report")
+        tracking.end_run(run_id)
+        print(f"[evaluate] MLflow run {run_id} in experiment {EXPERIMENT}", flush=True)
+    print(md_path.read_text())
+    print(f"[evaluate] report: {md_path}  grid: {grid_path}  ({meta['seconds']['total']:.0f} s)", flush=True)
+    if started_ray:
+        ray.shutdown()
+    return result
+
+
+if __name__ == "__main__":
+    main()

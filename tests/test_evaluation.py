@@ -1,0 +1,228 @@
+"""Evaluation: the metrics are validated on renders (the issue's >= 95% bars), the benchmark is sound,
+the DreamBooth-style baseline trains, and the evaluate job writes its table to disk and MLflow.
+
+Model quality is never asserted here: untrained debug models only exercise the plumbing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from neighbor_diffusion.config import debug
+from neighbor_diffusion.data import world
+from neighbor_diffusion.evaluation import baselines, benchmark, metrics
+
+# ---------------------------------------------------------------------------- metric validation on renders
+
+
+def test_identity_ranks_the_right_subject_among_20():
+    r = metrics.validate_identity(num_queries=30, seed=3)
+    assert r["identity_top1"] >= 0.95, r
+    assert r["identity_same_subject"] > 0.85, r  # normalised: true renders ~ 1
+    assert abs(r["identity_other_subject"]) < 0.2, r  # other subjects of the class ~ 0
+    assert r["identity_flat_image"] < 0.3, r  # a grey blob is not half a subject
+
+
+def test_identity_of_another_subject_is_low_and_not_top1():
+    subject, other = world.make_subject(2), world.make_subject(8)  # both mugs
+    ctx = world.Context("lawn", "left", "large", seed=5)
+    rng = np.random.default_rng(0)
+    own = metrics.identity_fidelity(metrics.independent_render(subject, ctx, 32, rng), subject, ctx)
+    wrong = metrics.identity_fidelity(metrics.independent_render(other, ctx, 32, rng), subject, ctx)
+    assert own["top1"] == 1.0 and own["normalised"] > 0.8
+    assert wrong["top1"] == 0.0 and wrong["normalised"] < 0.3
+
+
+def test_text_detectors_are_95_percent_accurate_on_renders():
+    r = metrics.validate_detectors(num_queries=30, seed=3)
+    for a in metrics.TEXT_ATTRIBUTES:
+        assert r[f"detector_{a}"] >= 0.95, (a, r)
+
+
+def test_text_fidelity_flags_what_was_not_drawn():
+    subject = world.make_subject(7)
+    shown = world.Context("snow", "left", "large", seed=1)
+    image = metrics.independent_render(subject, shown, 32, np.random.default_rng(0))
+    assert all(metrics.text_fidelity(image, subject, shown).values())
+    asked = dataclasses.replace(shown, position="right", style="pop_art", scene="night")
+    checks = metrics.text_fidelity(image, subject, asked)
+    assert checks == {"scene": False, "position": False, "size": True, "style": False}
+    # a sketch hides scene and colour: they are not judged, the style is
+    sketch = dataclasses.replace(shown, style="sketch", color="red")
+    assert set(metrics.text_fidelity(image, subject, sketch)) == {"position", "size", "style"}
+
+
+def test_copy_detector_on_renders():
+    r = metrics.validate_copy(num_queries=60, seed=3)
+    assert r["copy_recall"] >= 0.95 and r["copy_recall_blurred"] >= 0.9, r
+    assert r["copy_false_positive"] <= 0.05, r
+
+
+def test_copying_a_neighbor_is_only_a_copy_when_the_prompt_asked_for_something_else():
+    subject = world.make_subject(4)
+    contexts = [world.Context("beach", "left", "small", seed=1), world.Context("city", "right", "large", seed=2)]
+    neighbors = [world.render(subject, c, 32) for c in contexts]
+    asked = world.Context("forest", "center", "large", seed=3)
+    target = world.render(subject, asked, 32)
+    assert metrics.is_copy(neighbors[0], neighbors, contexts, asked, target)
+    assert not metrics.is_copy(target, neighbors, contexts, asked, target)
+    # the prompt asked for the neighbor's own context: reproducing it is right
+    assert not metrics.is_copy(neighbors[0], neighbors, contexts, contexts[0], neighbors[0])
+
+
+def test_aligned_distances_equal_the_naive_computation():
+    rng = np.random.default_rng(0)
+    x = rng.random((12, 12, 3)).astype(np.float32)
+    templates = rng.random((3, 2, 12, 12, 3)).astype(np.float32)
+    mask = rng.random((2, 12, 12)) > 0.5
+    fast = metrics.aligned_distances(x, templates, mask, 2, 3)
+    naive = np.full(3, np.inf)
+    for j in range(3):
+        for v in range(2):
+            for xs in metrics._shifted(x, 2, 3):
+                err = ((xs - templates[j, v]) ** 2).mean(-1)
+                naive[j] = min(naive[j], err[mask[v]].mean())
+    np.testing.assert_allclose(fast, naive, rtol=1e-4, atol=1e-6)
+    # an exact template is at distance 0 and is found
+    assert metrics.aligned_distances(templates[1, 0], templates, None)[1] == pytest.approx(0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_uses_heldout_subjects_covers_every_kind_and_is_deterministic():
+    cfg = debug()
+    a = benchmark.build(cfg, num_subjects=4, prompts_per_subject=2, k=2)
+    b = benchmark.build(cfg, num_subjects=4, prompts_per_subject=2, k=2)
+    train_ids = {s.subject_id for s in world.split_subjects(cfg)["train"]}
+    assert len(a) == 8 and not {e["subject_id"] for e in a} & train_ids
+    assert {e["kind"] for e in a} == set(benchmark.KINDS)
+    assert [e["prompt"] for e in a] == [e["prompt"] for e in b] and [e["seed"] for e in a] == [e["seed"] for e in b]
+    for e in a:
+        ctx = world.Context.from_dict(e["context"])
+        assert len(e["neighbor_images"]) == 2 and e["target"].size == (32, 32)
+        assert ("color" in e["kind"]) == (ctx.color is not None) and ("style" in e["kind"]) == (ctx.style is not None)
+        assert ctx.color is None or ctx.color in metrics.distinct_colors(e["subject"])
+    seen = {benchmark.context_key(a[0]["context"])}
+    c = benchmark.build(cfg, num_subjects=4, prompts_per_subject=2, k=2, seen=seen)
+    assert c[0]["novel"] is False and any(e["novel"] for e in c[1:])
+
+
+def test_summarise_and_markdown():
+    rows = [
+        {"identity": 1.0, "identity_top1": 1.0, "text_fidelity": 0.5, "copy": True, "kind": "plain",
+         "text_checks": {"scene": True, "position": False}, "novel": None},
+        {"identity": 0.0, "identity_top1": 0.0, "text_fidelity": 1.0, "copy": False, "kind": "color",
+         "text_checks": {"scene": True, "color": True}, "novel": None},
+    ]  # fmt: skip
+    s = benchmark.summarise(rows)
+    assert s["identity"] == 0.5 and s["copy_rate"] == 0.5 and s["text_position"] == 0.0 and s["text_scene"] == 1.0
+    assert s["text_fidelity_color"] == 1.0 and np.isnan(s["text_fidelity_style"])
+    md = benchmark.markdown_table([{"method": "neighbor", **s}])
+    assert "| neighbor | 0.500 |" in md and "n/a" in md
+
+
+# ---------------------------------------------------------------------------- DreamBooth-style baseline
+
+
+@pytest.fixture(scope="module")
+def debug_pipe():
+    from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
+
+    torch.manual_seed(0)
+    return NeighborDiffusionPipeline.from_config(debug(), device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread does not stall on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_rare_token_prompt():
+    assert baselines.rare_token_prompt("a photo of the toy on a lawn", "toy") == "a photo of the sks toy on a lawn"
+    assert baselines.rare_token_prompt("a pop art poster of red toy", "toy", "zwx") == "a pop art poster of red zwx toy"
+    assert baselines.rare_token_prompt("something else", "mug").startswith("sks mug")
+
+
+def test_dreambooth_finetune_learns_the_subject_and_leaves_the_model_alone(debug_pipe, one_thread):
+    ex = world.heldout_examples(debug(), num_subjects=1, k=3)[0]
+    before = {k: v.clone() for k, v in debug_pipe.unet.state_dict().items()}
+    cfg = baselines.DreamBoothConfig(steps=25, lr=2e-3, prior_images=2, prior_sampling_steps=2)
+    # the instance loss at fixed t and noise, before and after fine-tuning
+    batch = baselines._text_only_batch(
+        debug_pipe, debug_pipe.prepare_images(ex["neighbor_images"]), f"a photo of sks {ex['noun']}"
+    )
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    noise = torch.randn(3, 3, 32, 32, generator=g)
+    drop = (torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
+    from neighbor_diffusion import diffusion
+
+    sched = diffusion.train_scheduler(debug_pipe.config.diffusion)
+
+    def loss(unet):
+        with torch.no_grad():
+            return float(diffusion.training_losses(unet, batch, sched, debug_pipe.config.diffusion, t, noise, drop))
+
+    unet, stats = baselines.dreambooth_finetune(debug_pipe, ex["neighbor_images"], ex["noun"], cfg)
+    assert loss(unet) < 0.8 * loss(debug_pipe.unet), stats
+    assert stats["seconds"] > stats["prior_seconds"] > 0 and np.isfinite(stats["last_loss"])
+    for k, v in debug_pipe.unet.state_dict().items():
+        assert torch.equal(v, before[k]), f"the text-only model changed: {k}"
+    out = baselines.dreambooth_generate(
+        debug_pipe, ex["neighbor_images"], ex["noun"], [ex["prompt"]] * 2, [0, 1],
+        dataclasses.replace(cfg, steps=2), {"num_inference_steps": 2},
+    )  # fmt: skip
+    assert out["images"].shape == (2, 32, 32, 3) and out["images"].dtype == np.uint8 and out["adapt_seconds"] > 0
+
+
+# ---------------------------------------------------------------------------- the job, end to end
+
+
+def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debug_pipe):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    debug_pipe.save_pretrained(tmp_path / "pipe")
+    from jobs import evaluate
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        result = evaluate.main(
+            ["--model", str(tmp_path / "pipe"), "--subjects", "1", "--prompts", "2", "--steps", "2",
+             "--workers", "1", "--no-dreambooth", "--validate", "0", "--out", str(tmp_path / "out")]
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
+    methods = [row["method"] for row in result.table]
+    assert methods == ["neighbor", "text_only", "oracle_render"]
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["method"] for r in report["table"]] == methods
+    assert "| neighbor |" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "samples.png").is_file()
+    oracle = result.table[-1]  # the metrics' ceiling on these very prompts
+    assert oracle["identity_top1"] == 1.0 and oracle["text_fidelity"] == 1.0 and oracle["copy_rate"] == 0.0
+    assert result.table[0]["adapt_seconds_per_subject"] > 0
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(evaluate.EXPERIMENT)
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert "neighbor/identity" in run.data.metrics and "text_only/text_fidelity" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "results_table.json" in artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {
+        "report/results.json", "report/results.md", "report/samples.png"
+    }  # fmt: skip
