@@ -90,3 +90,27 @@ def encode_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def text_cell(text: str, width: int, height: int) -> Image.Image:
+    """White cell with `text` wrapped to fit, for labels in image grids."""
+    import textwrap
+
+    from PIL import ImageDraw
+
+    cell = Image.new("RGB", (width, height), "white")
+    lines = textwrap.wrap(text, max(8, width // 6))[: max(1, height // 13)]
+    ImageDraw.Draw(cell).multiline_text((3, 3), "\n".join(lines), fill="black")
+    return cell
+
+
+def grid_of_rows(rows: list[list[Image.Image]], cell: int) -> Image.Image:
+    """Paste rows of cells (each `cell` high; any width) left to right, top to bottom."""
+    width = max(sum(c.size[0] for c in row) for row in rows)
+    grid = Image.new("RGB", (width, cell * len(rows)), (235, 235, 235))
+    for r, row in enumerate(rows):
+        x = 0
+        for c in row:
+            grid.paste(c, (x, r * cell))
+            x += c.size[0]
+    return grid

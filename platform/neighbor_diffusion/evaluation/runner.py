@@ -13,7 +13,6 @@ DreamBooth-style fine-tuning as one Ray task per subject. Scoring is pure CPU nu
 from __future__ import annotations
 
 import json
-import textwrap
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -21,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from neighbor_diffusion.config import Config
+from neighbor_diffusion.data.images import grid_of_rows, text_cell
 from neighbor_diffusion.evaluation import baselines, benchmark
 
 CELL = 64  # pixels per image cell in sample grids
@@ -199,12 +199,6 @@ def oracle_images(examples: list[dict[str, Any]], seed: int) -> list[np.ndarray]
 # ---------------------------------------------------------------------------- grid
 
 
-def _text_cell(text: str, width: int) -> Image.Image:
-    cell = Image.new("RGB", (width, CELL), "white")
-    ImageDraw.Draw(cell).multiline_text((3, 3), "\n".join(textwrap.wrap(text, width // 6)[:5]), fill="black")
-    return cell
-
-
 def sample_grid(examples: list[dict[str, Any]], images: dict[str, list[np.ndarray]], methods: list[str]) -> Image.Image:
     """One row per example: neighbors | prompt | each method's sample | ground truth; a header row names columns."""
 
@@ -213,20 +207,13 @@ def sample_grid(examples: list[dict[str, Any]], images: dict[str, list[np.ndarra
         return img.convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
 
     k = len(examples[0]["neighbor_images"])
-    header = [_text_cell(f"neighbor {i + 1}", CELL) for i in range(k)] + [_text_cell("prompt", 3 * CELL)]
-    header += [_text_cell(m, CELL) for m in methods] + [_text_cell("ground truth", CELL)]
+    header = [text_cell(f"neighbor {i + 1}", CELL, CELL) for i in range(k)] + [text_cell("prompt", 3 * CELL, CELL)]
+    header += [text_cell(m, CELL, CELL) for m in methods] + [text_cell("ground truth", CELL, CELL)]
     rows = [header]
     for i, ex in enumerate(examples):
-        row = [cell(im) for im in ex["neighbor_images"]] + [_text_cell(f"[{ex['kind']}] {ex['prompt']}", 3 * CELL)]
+        row = [cell(im) for im in ex["neighbor_images"]] + [text_cell(f"[{ex['kind']}] {ex['prompt']}", 3 * CELL, CELL)]
         rows.append(row + [cell(images[m][i]) for m in methods] + [cell(ex["target"])])
-    width = max(sum(c.size[0] for c in r) for r in rows)
-    grid = Image.new("RGB", (width, CELL * len(rows)), (235, 235, 235))
-    for r, row in enumerate(rows):
-        x = 0
-        for c in row:
-            grid.paste(c, (x, r * CELL))
-            x += c.size[0]
-    return grid
+    return grid_of_rows(rows, CELL)
 
 
 # ---------------------------------------------------------------------------- the whole run

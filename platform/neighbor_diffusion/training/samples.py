@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import functools
 import json
-import textwrap
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from neighbor_diffusion.config import Config
-from neighbor_diffusion.data.images import to_pil
+from neighbor_diffusion.data.images import grid_of_rows, text_cell, to_pil
 from neighbor_diffusion.model import NeighborUNet
 
 CELL = 96  # pixels per image cell in the grid (samples are upscaled, nearest neighbour)
@@ -38,12 +37,6 @@ def _text_encoder(name: str, max_length: int):
     return build_text_encoder(name, max_length)
 
 
-def _text_cell(text: str) -> Image.Image:
-    cell = Image.new("RGB", (2 * CELL, CELL), "white")
-    ImageDraw.Draw(cell).multiline_text((4, 4), "\n".join(textwrap.wrap(text, 30)[:7]), fill="black")
-    return cell
-
-
 @torch.no_grad()
 def sample_grid(cfg: Config, unet: NeighborUNet, num_inference_steps: int | None = None) -> Image.Image:
     from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
@@ -62,14 +55,7 @@ def sample_grid(cfg: Config, unet: NeighborUNet, num_inference_steps: int | None
             num_inference_steps=num_inference_steps,
             output_type="pt",
         )[0]
-        cells = [*ex["neighbor_images"], _text_cell(ex["prompt"]), to_pil(sample), ex["target"]]
+        cells = [*ex["neighbor_images"], text_cell(ex["prompt"], 2 * CELL, CELL), to_pil(sample), ex["target"]]
         rows.append([c if c.size[1] == CELL else c.resize((CELL, CELL), Image.Resampling.NEAREST) for c in cells])
     unet.train(was_training)
-    width = max(sum(c.size[0] for c in row) for row in rows)
-    grid = Image.new("RGB", (width, CELL * len(rows)), (235, 235, 235))
-    for r, row in enumerate(rows):
-        x = 0
-        for c in row:
-            grid.paste(c, (x, r * CELL))
-            x += c.size[0]
-    return grid
+    return grid_of_rows(rows, CELL)
