@@ -43,7 +43,8 @@ lint: setup
 	$(BIN)/ruff format --check platform jobs serving tests infra
 
 bench: setup
-	$(PY) bench/run.py
+	@if [ -f bench/run.py ]; then $(PY) bench/run.py; \
+	else echo "bench/: no benchmark suite yet (issue #7); serving has 'make serve-loadtest'"; exit 1; fi
 
 serve: setup
 	$(PY) -m serving.app --preset $(PRESET) --serve.model_uri $(MODEL) --serve.port $(SERVE_PORT)
