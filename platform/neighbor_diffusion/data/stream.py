@@ -146,13 +146,23 @@ def training_dataset(shard_dir: str, cfg: Config, seed: int, num_epochs: int):
     if num_epochs < 1:
         raise ValueError(f"num_epochs={num_epochs}: must be >= 1")
     files = [str(f) for f in shard_files(shard_dir)]
-    clusters = ray.data.read_parquet(files).materialize()  # compact; read once, shuffled every epoch
-    epochs = []
-    for epoch in range(num_epochs):
-        ds = clusters.random_shuffle(seed=derive_seed(seed, "shuffle", epoch) % 2**32)
-        ds.context.execution_options.preserve_order = True  # same seed, same order
-        epochs.append(ds.map_batches(_examples, batch_size=8, fn_kwargs=dict(cfg=cfg, seed=seed, epoch=epoch)))
-    return epochs[0].union(*epochs[1:]) if num_epochs > 1 else epochs[0]
+    # Same seed, same order: a seeded shuffle still depends on the order of its input blocks, so
+    # every stage (the read and materialize included) must preserve order. Datasets copy the
+    # current DataContext when they are created, so set it for their creation and restore it.
+    context = ray.data.DataContext.get_current()
+    saved = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        clusters = ray.data.read_parquet(files).materialize()  # compact; read once, shuffled every epoch
+        epochs = []
+        for epoch in range(num_epochs):
+            ds = clusters.random_shuffle(seed=derive_seed(seed, "shuffle", epoch) % 2**32)
+            epochs.append(ds.map_batches(_examples, batch_size=8, fn_kwargs=dict(cfg=cfg, seed=seed, epoch=epoch)))
+        out = epochs[0].union(*epochs[1:]) if num_epochs > 1 else epochs[0]
+    finally:
+        context.execution_options.preserve_order = saved
+    out.context.execution_options.preserve_order = True
+    return out
 
 
 def cluster_grid(shard_dir: str | Path, num_clusters: int = 8, max_members: int = 8, cell: int = 64,
