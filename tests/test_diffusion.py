@@ -46,6 +46,32 @@ def test_loss_uses_injected_noise_and_dropped_conditions(cfg, model):
     )
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_is_clipped_snr_times_x0_error(cfg, model, prediction_type):
+    """Min-SNR-gamma: whatever the parametrisation, the weighted loss is min(SNR, gamma) x the x0 error."""
+    gamma = 5.0
+    dcfg = dataclasses.replace(cfg.diffusion, prediction_type=prediction_type, snr_gamma=gamma)
+    sched = D.train_scheduler(dcfg)
+    b = random_batch(cfg)
+    t, noise = torch.tensor([20, 700]), torch.randn_like(b["image"])  # SNR above and below gamma
+    keep = (torch.zeros(2, dtype=torch.bool),) * 2
+    loss = D.training_losses(model, b, sched, dcfg, t=t, noise=noise, drop=keep)
+    feats = model.encode_neighbors(
+        b["neighbor_images"], b["neighbor_text_states"], b["neighbor_text_mask"], b["neighbor_mask"]
+    )
+    x_t = sched.add_noise(b["image"], noise, t)
+    pred = model(x_t, t, b["text_states"], b["text_mask"], feats)
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    if prediction_type == "v_prediction":
+        x0_hat = a.sqrt() * x_t - (1 - a).sqrt() * pred
+    else:
+        x0_hat = (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+    snr = (a / (1 - a)).flatten()
+    assert snr[0] > gamma > snr[1]
+    x0_err = (x0_hat - b["image"]).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, (snr.clamp(max=gamma) * x0_err).mean(), rtol=1e-4, atol=1e-6)
+
+
 def test_v_prediction_target(cfg, model):
     dcfg = dataclasses.replace(cfg.diffusion, prediction_type="v_prediction")
     sched = D.train_scheduler(dcfg)

@@ -120,6 +120,9 @@ class DiffusionConfig:
     p_drop_text: float = 0.1
     p_drop_neighbors: float = 0.1
     p_drop_both: float = 0.1
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): per-example weight min(SNR, gamma)/(SNR+1) for v
+    # (or /SNR for eps); 0 turns it off. It moves gradient from nearly clean steps to noisy ones.
+    snr_gamma: float = 0.0
     sampler: str = "ddim"
     num_inference_steps: int = 25
     text_guidance: float = 3.0
@@ -151,6 +154,7 @@ class DiffusionConfig:
             _check(0.0 <= v <= 1.0, f"diffusion.{name}", v, "must be a probability in [0, 1]")
         total = self.p_drop_text + self.p_drop_neighbors + self.p_drop_both
         _check(total <= 1.0, "diffusion.p_drop_*", total, "the three dropout probabilities must sum to <= 1")
+        _check(self.snr_gamma >= 0, "diffusion.snr_gamma", self.snr_gamma, "must be >= 0 (0 turns weighting off)")
         _check(self.sampler in SAMPLERS, "diffusion.sampler", self.sampler, f"must be one of {SAMPLERS}")
         _check(
             1 <= self.num_inference_steps <= 1000,

@@ -119,7 +119,19 @@ def training_losses(
     target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
     # 3. prediction
     pred = model(x_t, t, text_states, text_mask, neighbors)
-    return F.mse_loss(pred.float(), target.float())
+    if not cfg.snr_gamma:
+        return F.mse_loss(pred.float(), target.float())
+    per_example = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    return (min_snr_weight(scheduler, t, cfg) * per_example).mean()
+
+
+def min_snr_weight(scheduler: DDPMScheduler, t: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
+    """Min-SNR-gamma weights, normalised so that each parametrisation's loss becomes the x0 error
+    weighted by min(SNR, gamma)."""
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = torch.clamp(snr, max=cfg.snr_gamma)
+    return clipped / (snr + 1) if cfg.prediction_type == "v_prediction" else clipped / snr
 
 
 # ---------------------------------------------------------------------------- sampling
