@@ -226,3 +226,17 @@ def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debu
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {
         "report/results.json", "report/results.md", "report/samples.png"
     }  # fmt: skip
+
+
+def test_metric_names_mlflow_rejects_are_mapped_not_dropped(tmp_path, monkeypatch):
+    """One invalid name used to make MLflow reject the whole batch: every evaluation metric was lost."""
+    from mlflow import MlflowClient
+
+    from neighbor_diffusion import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = tracking.start_run("names", "names")
+    tracking.RunLogger(run_id).metrics({"neighbor/text_fidelity_color+style": 0.5, "neighbor/identity": 0.25}, step=0)
+    tracking.end_run(run_id)
+    logged = MlflowClient().get_run(run_id).data.metrics
+    assert logged == {"neighbor/text_fidelity_color_style": 0.5, "neighbor/identity": 0.25}

@@ -12,12 +12,19 @@ registry version points at it, so `models:/<name>@<alias>` resolves to that fold
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def metric_name(key: str) -> str:
+    """MLflow accepts only alphanumerics and _ - . space : / in names (and rejects a whole batch
+    for one bad name): other characters become '_', e.g. 'text_fidelity_color+style'."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
 
 
 def tracking_uri() -> str:
@@ -122,7 +129,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
         self._safe("metrics", self.client.log_batch, self.run_id, metrics=items)
 
     def image(self, image, artifact_file: str) -> None:
