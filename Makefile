@@ -39,12 +39,12 @@ test-all: setup
 	$(BIN)/pytest -q -m ''
 
 lint: setup
-	$(BIN)/ruff check platform jobs serving tests infra
-	$(BIN)/ruff format --check platform jobs serving tests infra
+	$(BIN)/ruff check platform jobs serving tests infra bench
+	$(BIN)/ruff format --check platform jobs serving tests infra bench
 
+# Speed as ratios measured in one run (bench/run.py); results in bench/results/*.json and SUMMARY.md
 bench: setup
-	@if [ -f bench/run.py ]; then $(PY) bench/run.py; \
-	else echo "bench/: no benchmark suite yet (issue #7); serving has 'make serve-loadtest'"; exit 1; fi
+	$(PY) bench/run.py --preset $(PRESET)
 
 serve: setup
 	$(PY) -m serving.app --preset $(PRESET) --serve.model_uri $(MODEL) --serve.port $(SERVE_PORT)
@@ -56,5 +56,5 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf runs data mlruns mlartifacts mlflow.db bench/results .pytest_cache
+	rm -rf runs data mlruns mlartifacts mlflow.db bench/results bench/data .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +

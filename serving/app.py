@@ -1,14 +1,15 @@
 """Ray Serve application: an HTTP ingress and an autoscaled, batching model deployment.
 
     client -> proxy -> NeighborDiffusionIngress (FastAPI: read + validate + decode check)
-                    -> NeighborDiffusionModel  (neighbor-feature LRU -> @serve.batch -> pipeline.generate -> PNG)
+                    -> NeighborDiffusionModel  (neighbor-feature LRU -> batcher -> pipeline.generate -> PNG)
 
 The model comes from `serve.model_uri` (a pipeline folder or `models:/<name>@<alias>`),
 never from a request. Neighbors are clean images at t=0, so their features are computed
 once per request (`pipeline.encode_neighbor_set`) and kept in a bounded LRU keyed by the
-content hash of the neighbor set: a repeated subject skips encoding. Requests with the
-same sampling parameters (and neighbor count) that arrive within `batch_wait_timeout_s`
-become one `pipeline.generate` call with one row per image and per-row seeds.
+content hash of the neighbor set: a repeated subject skips encoding. Requests waiting
+when the model becomes free (up to `max_batch_size`; serving/batching.py says why not
+`@serve.batch`) and sharing sampling parameters (and neighbor count) become one
+`pipeline.generate` call with one row per image and per-row seeds.
 
 Run locally (blocks; Ctrl-C stops it):
 
@@ -46,6 +47,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from neighbor_diffusion.config import Config, ServeConfig, add_cli_arguments, from_cli_args, override, preset
+from serving.batching import Batcher
 from serving.schema import MAX_SEED, GenerationJob, Limits, describe, errors_of, request_model, to_job
 
 APP_NAME = "neighbor-diffusion"
@@ -126,6 +128,7 @@ class NeighborDiffusionModel:
         self.pipe = NeighborDiffusionPipeline.from_pretrained(resolve_pipeline_dir(serve_cfg.model_uri))
         self.model_id = model_id(serve_cfg.model_uri)
         self.cache = FeatureCache(serve_cfg.cache_size)
+        self.batcher = Batcher(self._sample, serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s)
         self.reconfigure(
             {"max_batch_size": serve_cfg.max_batch_size, "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s}
         )
@@ -134,8 +137,8 @@ class NeighborDiffusionModel:
         """Batching is a `user_config`: `serve deploy` can change it without restarting replicas."""
         self.max_batch_size = int(user_config.get("max_batch_size", self.cfg.max_batch_size))
         self.batch_wait_timeout_s = float(user_config.get("batch_wait_timeout_s", self.cfg.batch_wait_timeout_s))
-        self._sample.set_max_batch_size(self.max_batch_size)
-        self._sample.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+        self.batcher.max_batch_size = self.max_batch_size
+        self.batcher.batch_wait_timeout_s = self.batch_wait_timeout_s
 
     def info(self) -> dict[str, Any]:
         c, d = self.pipe.config, self.pipe.config.diffusion
@@ -171,7 +174,7 @@ class NeighborDiffusionModel:
         # 2. sampling, batched with other requests that share the sampling parameters
         t1 = time.perf_counter()
         key = self._sampling_key(job)
-        pngs, batch_rows = await self._sample(_Sampling(job.prompt, neighbors, job.seed, job.num_images, key))
+        pngs, batch_rows = await self.batcher.submit(_Sampling(job.prompt, neighbors, job.seed, job.num_images, key))
         t2 = time.perf_counter()
         parameters = {
             "prompt": job.prompt,
@@ -218,7 +221,6 @@ class NeighborDiffusionModel:
             choice_seed=job.seed if mode == "interleaved" else None,
         )
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # real values come from reconfigure()
     async def _sample(self, requests: list[_Sampling]) -> list[tuple[list[bytes], int]]:
         groups: dict[SamplingKey, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):

@@ -46,10 +46,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def subject_photos(k: int = 2, size: int = 64) -> list[str]:
+def subject_photos(k: int = 2, size: int = 64, seed: int = 0) -> list[str]:
+    """`k` random PNGs (base64) of one made-up subject; another seed, another subject."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     out = []
     for _ in range(k):
         buf = io.BytesIO()
@@ -112,6 +113,62 @@ def run_load(
         "p95_ms": round(percentile(latencies, 95) * 1e3, 1) if n else None,
         "p99_ms": round(percentile(latencies, 99) * 1e3, 1) if n else None,
         "mean_rows_per_call": round(float(np.mean(rows)), 2) if rows else None,
+        "latencies_ms": [round(x * 1e3, 1) for x in latencies],
+    }
+
+
+def deploy(cfg: Any, overrides: dict[str, str], name: str, route: str, url: str) -> str:
+    """Run the serving application for `cfg` + `overrides` as Serve app `name` at `route`; returns its URL."""
+    from ray import serve
+
+    from neighbor_diffusion.config import override
+    from serving.app import build_app
+
+    serve.run(build_app(override(cfg, overrides)), name=name, route_prefix=route)
+    return url + route.rstrip("/")
+
+
+def deploy_batching_pair(cfg: Any, base: dict[str, str], url: str, max_batch_size: int) -> dict[str, str]:
+    """`/on` (batches of up to `max_batch_size`) and `/off` (max_batch_size 1), one replica each."""
+    fixed = {**base, "serve.min_replicas": "1", "serve.max_replicas": "1"}
+    return {
+        "on": deploy(cfg, {**fixed, "serve.max_batch_size": str(max_batch_size)}, "batch-on", "/on", url),
+        "off": deploy(cfg, {**fixed, "serve.max_batch_size": "1"}, "batch-off", "/off", url),
+    }
+
+
+def compare_batching(
+    urls: dict[str, str],
+    body: dict[str, Any],
+    levels: list[int],
+    requests: int,
+    phase_s: float,
+    warmup: bool = True,
+    reverse: bool = False,
+) -> dict[str, list[dict[str, Any]]]:
+    """At each concurrency, each mode in turn (the idle one costs nothing; `reverse`: the other order), after a
+    warm-up that fills the cache."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for mode, u in urls.items():
+        if warmup:
+            run_load(u, body, 2, 2, 30.0, seed0=10**6)  # first calls, cache fill
+        results[mode] = []
+    order = list(urls.items())[::-1] if reverse else list(urls.items())
+    for c in levels:
+        for mode, u in order:
+            r = run_load(u, body, c, requests, phase_s, seed0=c * 1000)
+            results[mode].append(r)
+            shown = {k: v for k, v in r.items() if k != "latencies_ms"}
+            print(f"batching {mode:3s} c={c:2d}: {json.dumps(shown)}", flush=True)
+    return results
+
+
+def throughput_ratios(batching: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """requests/s with batching on / off, by concurrency."""
+    return {
+        str(on["concurrency"]): round(on["throughput_rps"] / off["throughput_rps"], 2)
+        for on, off in zip(batching["on"], batching["off"])
+        if off["throughput_rps"]
     }
 
 
@@ -141,9 +198,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from neighbor_diffusion.config import debug, override
+    from neighbor_diffusion.config import debug
     from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
-    from serving.app import build_app, export_pythonpath
+    from serving.app import export_pythonpath
 
     work = Path(tempfile.mkdtemp(prefix="ndlt"))
     model_uri = args.model_uri
@@ -174,39 +231,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
 
-        def deploy(name: str, route: str, **overrides: str) -> str:
-            cfg = override(debug(), {**base, **overrides})
-            serve.run(build_app(cfg), name=name, route_prefix=route)
-            return url + route.rstrip("/")
-
         # 1. batching on vs off, one replica each, measured alternately
-        fixed = {"serve.min_replicas": "1", "serve.max_replicas": "1"}
-        urls = {
-            "on": deploy("batch-on", "/on", **fixed, **{"serve.max_batch_size": str(args.max_batch_size)}),
-            "off": deploy("batch-off", "/off", **fixed, **{"serve.max_batch_size": "1"}),
-        }
-        for mode, u in urls.items():
-            run_load(u, body, 2, 2, 30.0, seed0=10**6)  # warm-up: first calls, cache fill
-            results["batching"][mode] = []
-        for c in levels:
-            for mode, u in urls.items():
-                r = run_load(u, body, c, args.requests, args.phase_s, seed0=c * 1000)
-                results["batching"][mode].append(r)
-                print(f"batching {mode:3s} c={c:2d}: {json.dumps(r)}", flush=True)
-        results["batching_throughput_ratio_on_over_off"] = {
-            str(on["concurrency"]): round(on["throughput_rps"] / off["throughput_rps"], 2)
-            for on, off in zip(results["batching"]["on"], results["batching"]["off"])
-            if off["throughput_rps"]
-        }
+        urls = deploy_batching_pair(debug(), base, url, args.max_batch_size)
+        results["batching"] = compare_batching(urls, body, levels, args.requests, args.phase_s)
+        results["batching_throughput_ratio_on_over_off"] = throughput_ratios(results["batching"])
         serve.delete("batch-on")
         serve.delete("batch-off")
 
         # 2. autoscaling 1 -> 2 -> 1
         if not args.skip_autoscaling:
             scale_url = deploy(
-                "autoscale",
-                "/",
-                **{
+                debug(),
+                {
+                    **base,
                     "serve.min_replicas": "1",
                     "serve.max_replicas": "2",
                     "serve.max_batch_size": str(args.max_batch_size),
@@ -214,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "serve.upscale_delay_s": "1",
                     "serve.downscale_delay_s": "5",
                 },
+                "autoscale",
+                "/",
+                url,
             )
             results["autoscaling"] = autoscale(scale_url, body, "autoscale", args)
     finally:
@@ -266,7 +306,8 @@ def autoscale(url: str, body: dict[str, Any], app: str, args: argparse.Namespace
     watcher.join()
     down = [t for t, n in timeline if t > load_end and n == 1]
     for s in load_stats:
-        print(f"autoscaling load round: {json.dumps(s)}", flush=True)
+        shown = {k: v for k, v in s.items() if k != "latencies_ms"}
+        print(f"autoscaling load round: {json.dumps(shown)}", flush=True)
     return {
         "max_replicas_seen": max(n for _, n in timeline),
         "scaled_up_after_s": up_at[0] if up_at else None,

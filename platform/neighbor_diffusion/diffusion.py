@@ -147,8 +147,11 @@ def guided_prediction(
     text_guidance: float,
     neighbor_guidance: float,
     branches: tuple[str, ...],
+    batched: bool = True,
 ) -> torch.Tensor:
-    """One batched forward over `branches` (a subset of full / no_text / no_neighbors), then guidance."""
+    """One batched forward over `branches` (a subset of full / no_text / no_neighbors), then guidance.
+
+    `batched=False` makes one forward per branch instead (same result; the benchmark's reference)."""
     B = x_t.shape[0]
     null_states, null_mask = null_text(B, text_states.shape[1], text_states.shape[2], x_t.device)
     conds = {
@@ -158,11 +161,13 @@ def guided_prediction(
     }
     chosen = [conds[b] for b in branches]
     n = len(chosen)
-    nb = None if neighbors is None else NeighborFeatures.cat([c[2] for c in chosen])
-    out = model(
-        x_t.repeat(n, 1, 1, 1), t.repeat(n), torch.cat([c[0] for c in chosen]), torch.cat([c[1] for c in chosen]), nb
-    )
-    e = dict(zip(branches, out.chunk(n)))
+    if batched:
+        nb = None if neighbors is None else NeighborFeatures.cat([c[2] for c in chosen])
+        states, masks = torch.cat([c[0] for c in chosen]), torch.cat([c[1] for c in chosen])
+        out = model(x_t.repeat(n, 1, 1, 1), t.repeat(n), states, masks, nb)
+        e = dict(zip(branches, out.chunk(n)))
+    else:
+        e = {b: model(x_t, t, *c) for b, c in zip(branches, chosen)}
     eps = e["full"]
     if "no_text" in e:
         eps = eps + (text_guidance - 1.0) * (e["full"] - e["no_text"])
