@@ -5,6 +5,7 @@ from diffusers import UNet2DConditionModel
 
 from conftest import open_gates, random_batch
 from neighbor_diffusion.model import NeighborUNet
+from neighbor_diffusion.model.neighbor_attention import NeighborFeatures
 
 
 def _encode(model, b, order=None):
@@ -99,6 +100,23 @@ def test_no_neighbors_row_equals_text_only(cfg, model):
         text_only = model(x, t, s, m)
     torch.testing.assert_close(mixed[1], text_only[1])
     assert (mixed[0] - text_only[0]).abs().max() > 1e-3
+
+
+def test_projected_keys_values_and_skipped_rows_change_nothing(cfg, model):
+    """Sampling's shortcuts: keys/values projected once (NeighborFeatures.kv), rows without neighbors skipped."""
+    b = random_batch(cfg)
+    open_gates(model)
+    x, t, s, m = _inputs(cfg, b)
+    feats = _encode(model, b)
+    feats.mask[1] = False  # row 1 skips the neighbor layers
+    projected = model.project_neighbors(feats)
+    assert set(projected.kv) == set(model.neighbor_attention)
+    row0 = NeighborFeatures({lv: v[:1] for lv, v in feats.tokens.items()}, feats.mask[:1])
+    with torch.no_grad():
+        mixed = model(x, t, s, m, feats)
+        alone = model(x[:1], t[:1], s[:1], m[:1], row0)
+        torch.testing.assert_close(model(x, t, s, m, projected), mixed)
+    torch.testing.assert_close(mixed[:1], alone)
 
 
 def test_neighbor_attention_is_in_state_dict_and_trainable(cfg, model):

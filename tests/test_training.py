@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import synthetic_rows
+from conftest import open_gates, synthetic_rows
 from neighbor_diffusion import config as C
 from neighbor_diffusion.training import engine as E
 
@@ -70,6 +70,20 @@ def test_ema_tracks_the_weights(model):
         ema.update(model, step)
     after, target = next(ema.model.parameters()), next(model.parameters())
     assert (after - target).abs().max() < 1e-3 < (before - target).abs().max()
+
+
+def test_neighbor_use_is_one_with_shut_gates_and_moves_when_they_open(cfg, model):
+    from neighbor_diffusion.training.samples import neighbor_use
+
+    shut = neighbor_use(cfg, model)
+    assert set(shut) == {"neighbor_loss_ratio", "neighbor_loss_ratio_t299", "neighbor_loss_ratio_t599",
+                         "neighbor_loss_ratio_t899"}  # fmt: skip
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in shut.values()), shut  # zero gates: the text-only UNet
+    open_gates(model)
+    opened = neighbor_use(cfg, model)
+    assert abs(opened["neighbor_loss_ratio"] - 1.0) > 1e-3, opened
+    assert neighbor_use(cfg, model) == opened  # same subjects, t and noise every time: comparable across steps
+    assert not model.training
 
 
 def test_step_generator_depends_on_rank_and_step():
@@ -137,6 +151,12 @@ def test_zero_stage_trains_checkpoints_and_registers(zero_runs, stage):
     assert run.data.params["train.zero_stage"] == str(stage) and "model.num_parameters" in run.data.params
     assert {"loss", "lr", "grad_norm", "samples_per_s", "data_wait_fraction"} <= set(run.data.metrics)
     assert run.data.metrics["grad_norm"] > 0
+    ratio = run.data.metrics["neighbor_loss_ratio"]  # logged with the final sample grid
+    assert (
+        ratio > 0
+        and ratio == ratio
+        and {"neighbor_loss_ratio_t299", "neighbor_loss_ratio_t899"} <= set(run.data.metrics)
+    )
     artifacts = {a.path for a in client.list_artifacts(out.run_id, "samples")}
     assert "samples/step_000008.png" in artifacts
     assert out.model_uri == "models:/nd-smoke@candidate"

@@ -209,6 +209,8 @@ def sample(
     scheduler.set_timesteps(num_inference_steps, device=device)
     x = x * scheduler.init_noise_sigma
     choice = random.Random(seed)
+    if isinstance(neighbors, NeighborFeatures):
+        neighbors = model.project_neighbors(neighbors)  # keys and values once, not at every step
     for t in scheduler.timesteps:
         feats = neighbors() if callable(neighbors) else neighbors
         if guidance_mode == "joint":

@@ -135,14 +135,23 @@ class RunLogger:
     def image(self, image, artifact_file: str) -> None:
         self._safe(artifact_file, self.client.log_image, self.run_id, image, artifact_file=artifact_file)
 
-    def sample_grid(self, cfg, unet, step: int, out_dir: str | os.PathLike | None = None):
-        """Render the fixed held-out subjects with `unet` and log the grid; returns the PIL image."""
-        from neighbor_diffusion.training.samples import sample_grid
+    def held_out(self, cfg, unet, step: int, out_dir: str | os.PathLike | None = None):
+        """On the fixed held-out subjects: log how much `unet` uses their neighbors (metrics
+        `neighbor_loss_ratio*`) and a sample grid; returns the grid (PIL) or None."""
+        from neighbor_diffusion.training.samples import neighbor_use, sample_grid
 
         try:
+            use = neighbor_use(cfg, unet)
+            self.metrics(use, step=step)
+            shown = " ".join(f"{k.removeprefix('neighbor_loss_ratio_')} {v:.4f}" for k, v in use.items() if "_t" in k)
+            print(
+                f"[train] step {step} held-out loss with / without neighbors {use['neighbor_loss_ratio']:.4f} "
+                f"({shown}; 1 = neighbors unused)",
+                flush=True,
+            )
             grid = sample_grid(cfg, unet)
         except Exception as e:  # noqa: BLE001
-            print(f"[mlflow] sample grid failed at step {step}: {type(e).__name__}: {e}", flush=True)
+            print(f"[mlflow] held-out check failed at step {step}: {type(e).__name__}: {e}", flush=True)
             return None
         self.image(grid, f"samples/step_{step:06d}.png")
         if out_dir is not None:

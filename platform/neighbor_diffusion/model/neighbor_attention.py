@@ -9,12 +9,17 @@ an attention processor computes diffusers' usual cross-attention and adds
 where h is the block's normed hidden state and n are the K*H*W neighbor tokens at
 that resolution. The gate starts at zero, so a freshly built (or pretrained-loaded)
 model is exactly the text-only UNet. Neighbors carry no index embedding: the layer is
-invariant to their order, and padded (masked) neighbors contribute nothing.
+invariant to their order, and padded (masked) neighbors contribute nothing; rows with no
+neighbor at all (the no-neighbor guidance branch) skip the layer.
+
+While sampling, the neighbor tokens are the same at every denoising step, and so are
+their keys and values: `NeighborUNet.project_neighbors` computes them once into
+`NeighborFeatures.kv`, and every step reuses them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +33,13 @@ class NeighborFeatures:
 
     tokens[level]: (B, K*h*w, C) features of the K neighbors at that level.
     mask: (B, K) True for real neighbors, False for padding.
+    kv[layer]: that NeighborAttention layer's keys and values of the tokens, (B, heads, K*h*w, d)
+        each, when projected ahead (sampling); empty otherwise.
     """
 
     tokens: dict[int, torch.Tensor]
     mask: torch.Tensor
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def token_mask(self, level: int) -> torch.Tensor:
         B, K = self.mask.shape
@@ -40,22 +48,32 @@ class NeighborFeatures:
 
     def without_neighbors(self) -> NeighborFeatures:
         """Same shapes, every neighbor masked: the K=0 branch that guidance contrasts with."""
-        return NeighborFeatures(self.tokens, torch.zeros_like(self.mask))
+        return NeighborFeatures(self.tokens, torch.zeros_like(self.mask), self.kv)
 
     def repeat(self, n: int) -> NeighborFeatures:
         """Repeat each row n times (row i -> rows i*n .. i*n+n-1), e.g. for several images per prompt."""
         return NeighborFeatures(
-            {lv: t.repeat_interleave(n, dim=0) for lv, t in self.tokens.items()}, self.mask.repeat_interleave(n, dim=0)
+            {lv: t.repeat_interleave(n, dim=0) for lv, t in self.tokens.items()},
+            self.mask.repeat_interleave(n, dim=0),
+            {key: (k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0)) for key, (k, v) in self.kv.items()},
         )
 
     @staticmethod
     def cat(parts: list[NeighborFeatures]) -> NeighborFeatures:
+        """Rows of all parts; projected keys/values are kept only when every part has them."""
+        layers = set(parts[0].kv).intersection(*(p.kv for p in parts[1:]))
         return NeighborFeatures(
-            {lv: torch.cat([p.tokens[lv] for p in parts]) for lv in parts[0].tokens}, torch.cat([p.mask for p in parts])
+            {lv: torch.cat([p.tokens[lv] for p in parts]) for lv in parts[0].tokens},
+            torch.cat([p.mask for p in parts]),
+            {key: tuple(torch.cat([p.kv[key][i] for p in parts]) for i in (0, 1)) for key in layers},
         )
 
     def to(self, device: torch.device | str) -> NeighborFeatures:
-        return NeighborFeatures({lv: t.to(device) for lv, t in self.tokens.items()}, self.mask.to(device))
+        return NeighborFeatures(
+            {lv: t.to(device) for lv, t in self.tokens.items()},
+            self.mask.to(device),
+            {key: (k.to(device), v.to(device)) for key, (k, v) in self.kv.items()},
+        )
 
 
 class NeighborAttention(nn.Module):
@@ -71,18 +89,40 @@ class NeighborAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.gate = nn.Parameter(torch.zeros(dim))  # zero: the layer starts switched off
 
-    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        B, N, C = hidden.shape
+    def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neighbor tokens (B, K*h*w, C) -> keys, values (B, heads, K*h*w, d)."""
+        B, M, C = tokens.shape
         n = self.norm(tokens)
-        q = self.to_q(hidden).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
-        k = self.to_k(n).view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, K*h*w, d)
-        v = self.to_v(n).view(B, -1, self.heads, C // self.heads).transpose(1, 2)
+        k = self.to_k(n).view(B, M, self.heads, C // self.heads).transpose(1, 2)
+        v = self.to_v(n).view(B, M, self.heads, C // self.heads).transpose(1, 2)
+        return k, v
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         has_any = token_mask.any(dim=1)  # (B,)
-        # A row without neighbors would softmax over nothing (NaN); attend to everything, then zero it.
-        safe_mask = token_mask | ~has_any[:, None]
+        if has_any.all() or not has_any.any():
+            # (with no neighbor in any row, the layer still runs, times zero, so that every parameter is in the
+            # graph on every rank, as distributed gradient reduction expects)
+            return self._attend(hidden, tokens, token_mask, kv) * has_any[:, None, None].to(hidden.dtype)
+        rows = has_any.nonzero().squeeze(1)  # only rows with neighbors: the rest get exactly zero
+        kv_rows = None if kv is None else (kv[0][rows], kv[1][rows])
+        part = self._attend(hidden[rows], tokens[rows], token_mask[rows], kv_rows)
+        return hidden.new_zeros(hidden.shape[0], *part.shape[1:], dtype=part.dtype).index_copy(0, rows, part)
+
+    def _attend(self, hidden, tokens, token_mask, kv) -> torch.Tensor:
+        B, N, C = hidden.shape
+        q = self.to_q(hidden).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
+        k, v = kv if kv is not None else self.project(tokens)  # (B, heads, K*h*w, d)
+        # A row without neighbors would softmax over nothing (NaN); attend to everything (the caller zeroes it).
+        safe_mask = token_mask | ~token_mask.any(dim=1, keepdim=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None, None, :])
         out = self.to_out(out.transpose(1, 2).reshape(B, N, C))
-        return torch.tanh(self.gate) * out * has_any[:, None, None].to(out.dtype)
+        return torch.tanh(self.gate) * out
 
 
 class NeighborAwareProcessor(AttnProcessor2_0):
@@ -94,10 +134,13 @@ class NeighborAwareProcessor(AttnProcessor2_0):
     processor, so the UNet's own state dict stays exactly a plain UNet's.
     """
 
-    def __init__(self, neighbor_attention: NeighborAttention | None = None, level: int | None = None):
+    def __init__(
+        self, neighbor_attention: NeighborAttention | None = None, level: int | None = None, key: str | None = None
+    ):
         super().__init__()
         self.neighbor_attention = neighbor_attention
         self.level = level
+        self.key = key  # the layer's name in NeighborUNet.neighbor_attention (and in NeighborFeatures.kv)
 
     def __call__(
         self,
@@ -112,4 +155,5 @@ class NeighborAwareProcessor(AttnProcessor2_0):
         if self.neighbor_attention is None or neighbors is None:
             return out
         tokens = neighbors.tokens[self.level]
-        return out + self.neighbor_attention(hidden_states, tokens, neighbors.token_mask(self.level))
+        kv = neighbors.kv.get(self.key)
+        return out + self.neighbor_attention(hidden_states, tokens, neighbors.token_mask(self.level), kv)

@@ -76,13 +76,15 @@ class NeighborUNet(ModelMixin, ConfigMixin):
         )
         # One NeighborAttention per text cross-attention layer at a neighbor level.
         self.neighbor_attention = nn.ModuleDict()
+        self._neighbor_level_of: dict[str, int] = {}  # layer name in neighbor_attention -> its level
         processors = {}
         for name in self.unet.attn_processors:
             level = _level_of(name, n)
             if name.endswith("attn2.processor") and level in self.neighbor_levels:
                 key = name.removesuffix(".processor").replace(".", "_")
                 self.neighbor_attention[key] = NeighborAttention(block_out_channels[level], attention_head_dim)
-                processors[name] = NeighborAwareProcessor(self.neighbor_attention[key], level)
+                self._neighbor_level_of[key] = level
+                processors[name] = NeighborAwareProcessor(self.neighbor_attention[key], level, key)
             else:
                 processors[name] = NeighborAwareProcessor()
         self.unet.set_attn_processor(processors)
@@ -149,6 +151,14 @@ class NeighborUNet(ModelMixin, ConfigMixin):
             C, h_, w_ = f.shape[1:]
             tokens[level] = full.view(B, K, C, h_ * w_).permute(0, 1, 3, 2).reshape(B, K * h_ * w_, C)
         return NeighborFeatures(tokens, neighbor_mask.bool())
+
+    def project_neighbors(self, neighbors: NeighborFeatures) -> NeighborFeatures:
+        """The same features with every neighbor layer's keys and values computed once: for sampling, where
+        the neighbors do not change from one denoising step to the next (gradients flow, but training gains
+        nothing from it: there the features change every step)."""
+        levels = self._neighbor_level_of
+        kv = {key: attn.project(neighbors.tokens[levels[key]]) for key, attn in self.neighbor_attention.items()}
+        return NeighborFeatures(neighbors.tokens, neighbors.mask, kv)
 
     @staticmethod
     def _mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -143,7 +143,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 log.metrics(metrics, step=done)
             window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
         if rank == 0 and t.sample_every and (done % t.sample_every == 0) and done != t.steps:
-            log.sample_grid(cfg, ema.model, done)
+            log.held_out(cfg, ema.model, done)
         if done % t.checkpoint_every == 0 or done == t.steps:
             _save_and_report(engine, ema, cfg, rank, done, metrics or {"step": done})
         elif metrics:

@@ -1,7 +1,12 @@
-"""Sample grids for fixed held-out subjects: neighbors | prompt | sample | ground truth.
+"""What the model does on fixed held-out subjects, logged while it trains.
 
-The same subjects, prompts and seeds at every logging step, so grids from one run (or
-two runs) can be compared side by side.
+- `sample_grid`: neighbors | prompt | sample | ground truth, for a few subjects.
+- `neighbor_use`: the denoising loss with the subject's neighbors over the loss with them
+  masked, on the same noisy inputs. 1.0 means the neighbor branch is not used (its gates
+  are shut or it has learnt nothing that helps on unseen subjects); below 1 it is.
+
+The same subjects, prompts, seeds and noise at every logging step, so numbers and grids
+from one run (or two runs) can be compared side by side.
 """
 
 from __future__ import annotations
@@ -20,14 +25,23 @@ CELL = 96  # pixels per image cell in the grid (samples are upscaled, nearest ne
 NUM_SUBJECTS = 4
 
 
+NEIGHBOR_USE_EXAMPLES = 32
+NEIGHBOR_USE_T = (0.3, 0.6, 0.9)  # fractions of the training timesteps
+
+
 @functools.lru_cache(maxsize=4)
-def _examples(cfg_json: str) -> list[dict]:
+def _examples(cfg_json: str, count: int = NUM_SUBJECTS) -> list[dict]:
+    """`count` held-out examples: the first subjects, or each subject several times (other seeds) when there
+    are fewer."""
     from neighbor_diffusion.data.world import heldout_examples
 
     cfg = Config.from_dict(json.loads(cfg_json))
-    return heldout_examples(
-        cfg, num_subjects=NUM_SUBJECTS, k=cfg.model.max_neighbors, image_size=cfg.model.image_size, seed=1234
-    )
+    out: list[dict] = []
+    for seed in range(1234, 1234 + count):
+        out += heldout_examples(cfg, num_subjects=count, k=cfg.model.max_neighbors, seed=seed)
+        if len(out) >= count:
+            return out[:count]
+    return out
 
 
 @functools.lru_cache(maxsize=2)
@@ -59,3 +73,44 @@ def sample_grid(cfg: Config, unet: NeighborUNet, num_inference_steps: int | None
         rows.append([c if c.size[1] == CELL else c.resize((CELL, CELL), Image.Resampling.NEAREST) for c in cells])
     unet.train(was_training)
     return grid_of_rows(rows, CELL)
+
+
+@torch.no_grad()
+def neighbor_use(cfg: Config, unet: NeighborUNet) -> dict[str, float]:
+    """Loss with neighbors / loss with neighbors masked, on held-out subjects at fixed t and noise.
+
+    Returns `neighbor_loss_ratio` (mean over t) and `neighbor_loss_ratio_t<t>` for each t.
+    """
+    from neighbor_diffusion import diffusion
+    from neighbor_diffusion.data.images import to_tensor
+
+    device = next(unet.parameters()).device
+    encoder = _text_encoder(cfg.text.encoder, cfg.text.max_length)
+    examples = _examples(cfg.to_json(), NEIGHBOR_USE_EXAMPLES)
+    S, B, K = cfg.model.image_size, len(examples), len(examples[0]["neighbor_images"])
+    text_states, text_mask = encoder.encode([ex["prompt"] for ex in examples])
+    n_states, n_mask = encoder.encode([c for ex in examples for c in ex["neighbor_captions"]])
+    pixels = [torch.stack([to_tensor(m, S) for m in ex["neighbor_images"]]) for ex in examples]
+    batch = {
+        "image": torch.stack([to_tensor(ex["target"], S) for ex in examples]),
+        "text_states": text_states,
+        "text_mask": text_mask,
+        "neighbor_images": torch.stack(pixels),
+        "neighbor_text_states": n_states.view(B, K, *n_states.shape[1:]),
+        "neighbor_text_mask": n_mask.view(B, K, -1),
+        "neighbor_mask": torch.ones(B, K, dtype=torch.bool),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    scheduler = diffusion.train_scheduler(cfg.diffusion)
+    noise = torch.randn(batch["image"].shape, generator=torch.Generator().manual_seed(0)).to(device)
+    keep, drop = torch.zeros(B, dtype=torch.bool, device=device), torch.ones(B, dtype=torch.bool, device=device)
+    was_training = unet.training
+    unet.eval()
+    out = {}
+    for frac in NEIGHBOR_USE_T:
+        t = torch.full((B,), int(frac * (cfg.diffusion.num_train_timesteps - 1)), device=device)
+        with_n = diffusion.training_losses(unet, batch, scheduler, cfg.diffusion, t=t, noise=noise, drop=(keep, keep))
+        without = diffusion.training_losses(unet, batch, scheduler, cfg.diffusion, t=t, noise=noise, drop=(keep, drop))
+        out[f"neighbor_loss_ratio_t{int(t[0])}"] = (with_n / without).item()
+    unet.train(was_training)
+    return {"neighbor_loss_ratio": sum(out.values()) / len(out), **out}

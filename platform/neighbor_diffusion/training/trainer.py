@@ -146,7 +146,7 @@ def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "c
     with result.checkpoint.as_directory() as d:
         pipe = export_pipeline(cfg, Path(d), out_dir)
     logger = tracking.RunLogger(run_id, mlflow.get_tracking_uri())
-    logger.sample_grid(cfg, pipe.unet, cfg.train.steps, out_dir=out_dir.parent)
+    logger.held_out(cfg, pipe.unet, cfg.train.steps, out_dir=out_dir.parent)
     model_uri = None
     if register:
         version = tracking.register_pipeline(
