@@ -51,17 +51,18 @@ def load_clusters(shard_dir: str | Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["cluster_id"])
 
 
-def decode_cluster(cluster: dict[str, Any], image_size: int) -> dict[str, Any]:
-    """A cluster row -> arrays: images (n,3,S,S) f32 [-1,1], text_states (n,T,D) f32, text_mask (n,T) bool."""
+def decode_cluster(cluster: dict[str, Any], image_size: int, members: list[int] | None = None) -> dict[str, Any]:
+    """A cluster row -> arrays: images {member: (3,S,S) f32 [-1,1]} (only `members`, default all: an example
+    uses at most K+1 of a cluster's images), text_states (n,T,D) f32, text_mask (n,T) bool, captions."""
     n, t, d = (int(v) for v in cluster["text_shape"])
-    images = []
-    for b in cluster["images"]:
-        img = Image.open(io.BytesIO(b)).convert("RGB")
+    images = {}
+    for i in range(n) if members is None else members:
+        img = Image.open(io.BytesIO(cluster["images"][i])).convert("RGB")
         if img.size != (image_size, image_size):  # shards mined at another size still serve
             img = square(img, image_size)
-        images.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)  # (3, S, S)
+        images[i] = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # (3, S, S)
     return {
-        "images": np.stack(images),
+        "images": images,
         "text_states": np.frombuffer(cluster["text_states"], dtype=np.float16).reshape(n, t, d).astype(np.float32),
         "text_mask": np.frombuffer(cluster["text_mask"], dtype=np.uint8).reshape(n, t).astype(bool),
         "captions": list(cluster["captions"]),
@@ -88,14 +89,14 @@ def check_cluster(cluster: dict[str, Any], cfg: Config) -> None:
 def build_example(cluster: dict[str, Any], cfg: Config, rng: np.random.Generator, augment: bool = True) -> dict:
     """One training example from one cluster row (see the module docstring for keys and shapes)."""
     check_cluster(cluster, cfg)
-    c = decode_cluster(cluster, cfg.model.image_size)
-    n, max_k = len(c["captions"]), cfg.model.max_neighbors
-    s, (t, d) = cfg.model.image_size, c["text_states"].shape[1:]
+    n, max_k = len(cluster["captions"]), cfg.model.max_neighbors
     target = int(rng.integers(0, n))
     k = int(rng.integers(1, min(max_k, n - 1) + 1))
     others = np.delete(np.arange(n), target)
     chosen = rng.permutation(others)[:k]  # never the target
     flips = rng.random(n) < 0.5  # drawn for every member, so the stream of draws does not depend on k
+    c = decode_cluster(cluster, cfg.model.image_size, [target, *map(int, chosen)])
+    s, (t, d) = cfg.model.image_size, c["text_states"].shape[1:]
 
     def image(i: int) -> np.ndarray:
         x = c["images"][i]
