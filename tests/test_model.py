@@ -30,6 +30,12 @@ def test_shapes(cfg, model):
     assert out.shape == b["image"].shape
 
 
+def test_attention_heads_are_model_attention_head_dim_wide(cfg, model):
+    """diffusers takes UNet2DConditionModel(attention_head_dim=...) as a head *count*; ours is a width."""
+    layers = [m for n, m in model.unet.named_modules() if n.endswith(("attn1", "attn2"))]
+    assert layers and all(a.inner_dim // a.heads == cfg.model.attention_head_dim for a in layers)
+
+
 def test_zero_gate_equals_plain_text_only_unet(cfg, model):
     """With gates at zero the model *is* a plain UNet2DConditionModel, neighbors or not."""
     b = random_batch(cfg)

@@ -71,7 +71,9 @@ class NeighborUNet(ModelMixin, ConfigMixin):
             block_out_channels=tuple(block_out_channels),
             layers_per_block=layers_per_block,
             cross_attention_dim=cross_attention_dim,
-            attention_head_dim=attention_head_dim,
+            # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads (a naming quirk
+            # it keeps for old checkpoints); ours is the width of a head, so it gets the heads of each level
+            attention_head_dim=tuple(c // attention_head_dim for c in block_out_channels),
             norm_num_groups=norm_num_groups,
         )
         # One NeighborAttention per text cross-attention layer at a neighbor level.
