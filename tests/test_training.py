@@ -86,6 +86,20 @@ def test_neighbor_use_is_one_with_shut_gates_and_moves_when_they_open(cfg, model
     assert not model.training
 
 
+def test_resuming_a_run_of_another_model_is_refused_with_the_fields_named(tmp_path, capsys):
+    from neighbor_diffusion.training.trainer import check_resumable
+
+    cfg = C.debug()
+    (tmp_path / "checkpoint_1").mkdir()
+    progress = {"step": 4, "config": json.loads(cfg.to_json())}
+    (tmp_path / "checkpoint_1" / E.PROGRESS_FILE).write_text(json.dumps(progress))
+    check_resumable(cfg, tmp_path)  # same model: resumes, and says so
+    assert "has a checkpoint at step 4: resuming" in capsys.readouterr().out
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, block_out_channels=(16, 64)))
+    with pytest.raises(ValueError, match=r"model\.block_out_channels differ"):
+        check_resumable(other, tmp_path)
+
+
 def test_step_generator_depends_on_rank_and_step():
     a = torch.rand(3, generator=E.step_generator(0, 0, 5, 0))
     assert torch.equal(a, torch.rand(3, generator=E.step_generator(0, 0, 5, 0)))

@@ -130,7 +130,8 @@ def test_rerun_of_a_killed_job_continues_from_its_checkpoint(debug_data, tmp_pat
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     out = second.stdout + second.stderr
-    assert "resumed from checkpoint at step" in out, out[-3000:]
+    assert "resumed from checkpoint at step" in out and "has a checkpoint at step" in out, out[-3000:]
+    assert out.count("resumed from checkpoint at step") == 1, out[-3000:]  # the worker's log lines once, not twice
     resumed = int(out.split("resumed from checkpoint at step ")[1].split()[0])
     assert resumed >= reached > 0
     assert f"steps {resumed}->12" in out and "steps 0->12" not in out, out[-3000:]

@@ -9,6 +9,7 @@ Re-running with the same `train.run_name` and `train.storage_path` resumes a sto
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -47,12 +48,20 @@ def start_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    # Ray 2.60 wraps a worker's stdout, and Ray Train then sends each print to its logger *and* the wrapped
+    # stdout: every line of the training log appeared twice. Plain prints, once.
+    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(runtime_env=runtime_env)  # merged with the job's own runtime env (working_dir) under ray job submit
         return
     # Logical CPUs beyond the cores: train workers must not take every CPU, or Ray Data stalls.
     # address="local": a new instance even when another Ray already runs on this machine.
-    ray.init(address="local", num_cpus=cfg.train.ray_cpus or (os.cpu_count() or 2) + 2, include_dashboard=False)
+    ray.init(
+        address="local",
+        num_cpus=cfg.train.ray_cpus or (os.cpu_count() or 2) + 2,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+    )
 
 
 def storage_root(cfg: Config) -> str:
@@ -132,12 +141,41 @@ def export_pipeline(cfg: Config, checkpoint_dir: Path, out_dir: Path):
     return pipe
 
 
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """Say when this run name resumes an earlier run, and refuse one whose model differs from `cfg.model`."""
+    saved = [E.read_progress(p) for p in sorted(run_dir.glob("checkpoint_*")) if (p / E.PROGRESS_FILE).is_file()]
+    if not saved:
+        return
+    last = max(saved, key=lambda p: p["step"])
+    old = last["config"]["model"]
+    now = json.loads(json.dumps(cfg.to_dict()["model"]))  # tuples as the JSON lists of progress.json
+    changed = [f"model.{k}" for k, v in now.items() if old.get(k) != v]
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds checkpoints of another model ({', '.join(changed)} differ): pass a new "
+            f"--train.run_name, or delete that folder to train from scratch"
+        )
+    finished = last["step"] >= cfg.train.steps
+    print(
+        f"[train] {run_dir} has a checkpoint at step {last['step']}: resuming from it"
+        + (
+            "; the run is finished, so it is exported again, not retrained (to train again: a new "
+            "--train.run_name, or delete the folder, e.g. make clean)"
+            if finished
+            else ""
+        ),  # fmt: skip
+        flush=True,
+    )
+
+
 def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "candidate") -> TrainOutcome:
     import mlflow
 
     start_ray(cfg)
     root = storage_root(cfg)
     run_dir = None if "://" in root else Path(root) / cfg.train.run_name
+    if run_dir is not None:
+        check_resumable(cfg, run_dir)
     run_id = _mlflow_run(cfg, run_dir)
     result = build_trainer(cfg, datasets, run_id).fit()
     if result.error:
