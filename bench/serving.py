@@ -59,7 +59,7 @@ def cache_hit_vs_miss(url: str, body: dict[str, Any], rounds: int, k: int) -> di
 
 def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One mode's load rounds (serving.loadtest.run_load results) as one measurement."""
-    import numpy as np
+    from serving.loadtest import percentile
 
     ok = sum(r["requests_ok"] for r in rounds)
     wall = sum(r["wall_s"] for r in rounds)
@@ -74,9 +74,7 @@ def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": errors,
         "wall_s": round(wall, 2),
         "throughput_rps": round(ok / wall, 3) if wall else 0.0,
-        "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat else None,
-        "p95_ms": round(float(np.percentile(lat, 95)), 1) if lat else None,
-        "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat else None,
+        **{f"p{q}_ms": round(percentile(lat, q), 1) if lat else None for q in (50, 95, 99)},
         "mean_rows_per_call": round(sum((r["mean_rows_per_call"] or 0) * r["requests_ok"] for r in rounds) / ok, 2)
         if ok
         else None,

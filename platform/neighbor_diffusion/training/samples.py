@@ -75,23 +75,19 @@ def sample_grid(cfg: Config, unet: NeighborUNet, num_inference_steps: int | None
     return grid_of_rows(rows, CELL)
 
 
-@torch.no_grad()
-def neighbor_use(cfg: Config, unet: NeighborUNet) -> dict[str, float]:
-    """Loss with neighbors / loss with neighbors masked, on held-out subjects at fixed t and noise.
-
-    Returns `neighbor_loss_ratio` (mean over t) and `neighbor_loss_ratio_t<t>` for each t.
-    """
-    from neighbor_diffusion import diffusion
+@functools.lru_cache(maxsize=2)
+def _neighbor_use_batch(cfg_json: str) -> dict[str, torch.Tensor]:
+    """The held-out examples of `neighbor_use` as one training-shaped batch (CPU), built once per config."""
     from neighbor_diffusion.data.images import to_tensor
 
-    device = next(unet.parameters()).device
+    cfg = Config.from_dict(json.loads(cfg_json))
     encoder = _text_encoder(cfg.text.encoder, cfg.text.max_length)
-    examples = _examples(cfg.to_json(), NEIGHBOR_USE_EXAMPLES)
+    examples = _examples(cfg_json, NEIGHBOR_USE_EXAMPLES)
     S, B, K = cfg.model.image_size, len(examples), len(examples[0]["neighbor_images"])
     text_states, text_mask = encoder.encode([ex["prompt"] for ex in examples])
     n_states, n_mask = encoder.encode([c for ex in examples for c in ex["neighbor_captions"]])
     pixels = [torch.stack([to_tensor(m, S) for m in ex["neighbor_images"]]) for ex in examples]
-    batch = {
+    return {
         "image": torch.stack([to_tensor(ex["target"], S) for ex in examples]),
         "text_states": text_states,
         "text_mask": text_mask,
@@ -100,7 +96,19 @@ def neighbor_use(cfg: Config, unet: NeighborUNet) -> dict[str, float]:
         "neighbor_text_mask": n_mask.view(B, K, -1),
         "neighbor_mask": torch.ones(B, K, dtype=torch.bool),
     }
-    batch = {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def neighbor_use(cfg: Config, unet: NeighborUNet) -> dict[str, float]:
+    """Loss with neighbors / loss with neighbors masked, on held-out subjects at fixed t and noise.
+
+    Returns `neighbor_loss_ratio` (mean over t) and `neighbor_loss_ratio_t<t>` for each t.
+    """
+    from neighbor_diffusion import diffusion
+
+    device = next(unet.parameters()).device
+    batch = {k: v.to(device) for k, v in _neighbor_use_batch(cfg.to_json()).items()}
+    B = batch["image"].shape[0]
     scheduler = diffusion.train_scheduler(cfg.diffusion)
     noise = torch.randn(batch["image"].shape, generator=torch.Generator().manual_seed(0)).to(device)
     keep, drop = torch.zeros(B, dtype=torch.bool, device=device), torch.ones(B, dtype=torch.bool, device=device)
