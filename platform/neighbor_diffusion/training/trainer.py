@@ -56,6 +56,7 @@ def start_ray(cfg: Config) -> None:
         return
     # Logical CPUs beyond the cores: train workers must not take every CPU, or Ray Data stalls.
     # address="local": a new instance even when another Ray already runs on this machine.
+    # No dashboard: on 2 cores it cost ~15-20 % of training samples/s (see trainer_class for what it changes).
     ray.init(
         address="local",
         num_cpus=cfg.train.ray_cpus or (os.cpu_count() or 2) + 2,
@@ -101,12 +102,12 @@ def _mlflow_run(cfg: Config, run_dir: Path | None) -> str:
 def build_trainer(cfg: Config, datasets: dict, run_id: str | None):
     import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     t = cfg.train
     ds_config = E.deepspeed_config(cfg, t.num_workers, t.use_gpu)
     E.validate_deepspeed_config(ds_config, t.num_workers)  # fail here, not in every worker
-    return TorchTrainer(
+    return trainer_class()(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
@@ -127,6 +128,40 @@ def build_trainer(cfg: Config, datasets: dict, run_id: str | None):
         datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
     )
+
+
+def _ray_started_here() -> bool:
+    """Whether this process started the Ray it is connected to (ray.init in process, not a cluster's address)."""
+    import ray
+
+    node = ray._private.worker._global_node  # Ray 2.60: the head Node when ray.init started one here
+    return node is not None and node.head
+
+
+def trainer_class():
+    """TorchTrainer; on a Ray started in this process, less Ray Train's placement-group cleaner.
+
+    The cleaner is a detached actor that asks the state API once a second whether the train controller
+    is alive, to free the placement group of a controller that died. A Ray started in process dies with
+    its driver, placement groups included, so it has nothing to do there, and there it did harm: our
+    in-process Ray has no dashboard, which serves the state API, yet registers 127.0.0.1:8265 as its
+    API server. The cleaner logged "Failed to query Ray Train Controller actor state" every second of
+    the run; beside another local Ray it crashed (it auto-detects "the" Ray on this machine); and with
+    another Ray's dashboard on 8265 it asked that cluster, found no controller there and removed our live
+    placement group, which killed the training worker (seen once: the run started over).
+    """
+    from ray.train.torch import TorchTrainer
+
+    if not _ray_started_here():
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class TorchTrainerWithoutPGCleaner(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return TorchTrainerWithoutPGCleaner
 
 
 def export_pipeline(cfg: Config, checkpoint_dir: Path, out_dir: Path):
