@@ -146,9 +146,10 @@ def trainer_class():
     its driver, placement groups included, so it has nothing to do there, and there it did harm: our
     in-process Ray has no dashboard, which serves the state API, yet registers 127.0.0.1:8265 as its
     API server. The cleaner logged "Failed to query Ray Train Controller actor state" every second of
-    the run; beside another local Ray it crashed (it auto-detects "the" Ray on this machine); and with
-    another Ray's dashboard on 8265 it asked that cluster, found no controller there and removed our live
-    placement group, which killed the training worker (seen once: the run started over).
+    the run; beside another local Ray it crashed (it auto-detects "the" Ray on this machine); and once,
+    just after another Ray with a dashboard on 8265 started on the machine, it reported the controller
+    dead and removed our live placement group, killing the training worker (the run started over; most
+    likely it had asked that other cluster).
     """
     from ray.train.torch import TorchTrainer
 
