@@ -132,8 +132,9 @@ def test_rerun_of_a_killed_job_continues_from_its_checkpoint(debug_data, tmp_pat
     out = second.stdout + second.stderr
     assert "resumed from checkpoint at step" in out and "has a checkpoint at step" in out, out[-3000:]
     assert out.count("resumed from checkpoint at step") == 1, out[-3000:]  # the worker's log lines once, not twice
-    # no placement-group cleaner polling a state API that the in-process Ray (no dashboard) does not serve
-    assert "Failed to query Ray Train Controller actor state" not in out, out[-3000:]
+    # no placement-group cleaner on the in-process Ray: it printed a warning a second (its state API is
+    # not served) or, beside another local Ray, a traceback
+    assert "PlacementGroupCleaner" not in out, out[-3000:]
     resumed = int(out.split("resumed from checkpoint at step ")[1].split()[0])
     assert resumed >= reached > 0
     assert f"steps {resumed}->12" in out and "steps 0->12" not in out, out[-3000:]
