@@ -1,6 +1,7 @@
 """The training example stream: invariants of the pure builder, then the Ray Dataset (keys, shapes, determinism)."""
 
 import dataclasses
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -98,9 +99,17 @@ def test_wrong_text_settings_name_the_field():
         stream.build_example(make_cluster("c", 3, 0), bad, np.random.default_rng(0))
 
 
-def test_training_dataset_on_ray(tmp_path):
+def test_training_dataset_on_ray(tmp_path, monkeypatch):
     import ray
 
+    steps = {}  # per executor (one per execution of a dataset): when its scheduling loop stepped
+    paced = stream._PacedScheduling.on_execution_step
+
+    def recorded(self, executor):
+        paced(self, executor)
+        steps.setdefault(id(self), []).append(time.perf_counter())
+
+    monkeypatch.setattr(stream._PacedScheduling, "on_execution_step", recorded)
     cfg = debug()
     clusters = [make_cluster(f"c{i:02d}", n=2 + i % 4, base=10 * i) for i in range(12)]
     pq.write_table(pa.Table.from_pylist(clusters[:7], schema=CLUSTER_SCHEMA), tmp_path / "a.parquet")
@@ -120,8 +129,13 @@ def test_training_dataset_on_ray(tmp_path):
         first, batch = run(0)
         again, _ = run(0)
         other, _ = run(1)
+        left_in_context = ray.data.DataContext.get_current().custom_execution_callback_classes
     finally:
         ray.shutdown()
+    # the loop of the datasets' own executors was paced (a context set after creation would not reach them) ...
+    assert len(steps) >= 3 and sum(len(t) for t in steps.values()) > 6
+    assert min(min(np.diff(t), default=1.0) for t in steps.values()) >= 0.9 * stream._PacedScheduling.interval
+    assert stream._PacedScheduling not in left_in_context  # ... and other datasets are left alone
     assert set(batch) == set(BATCH_KEYS) and batch["neighbor_images"].shape[1:] == (cfg.model.max_neighbors, 3, S, S)
     assert first == again and first != other  # deterministic given the seed
     assert len(first) == 2 * len(clusters)
