@@ -171,26 +171,33 @@ def training_dataset(shard_dir: str, cfg: Config, seed: int, num_epochs: int):
 
 
 class _PacedScheduling(ExecutionCallback):
-    """At most one step of Ray Data's scheduling loop every `interval` seconds.
+    """Paces Ray Data's scheduling loop: steps at least `interval` s apart, and at most `max_busy` of a core.
 
     Ray 2.60's streaming executor waits (`ray.wait`, up to 0.1 s) only while some task runs. When the
     stream is ahead of the trainer, every operator is backpressured, no task runs, and the loop spins;
-    each step walks every operator (two per epoch of the stream) several times. Once a run's stream is
-    larger than Ray Data's share of the object store (measured: a 3000-step cpu-preset run; 300 steps
-    with a 300 MB store) the loop took 70-92 % of a core from the trainer. The interval is the
-    executor's own wait: dispatch happens no later than it would while a task runs.
+    each step walks every operator (two per epoch of the stream) several times. Once the examples
+    buffered ahead of the trainer fill Ray Data's share of the object store (measured: 2000- and
+    3000-step cpu-preset runs; 300 steps with a 300 MB store) the loop took 70-92 % of a core from the
+    trainer. The interval is the executor's own wait: dispatch happens no later than it would while a
+    task runs. With one step per interval alone, a step of a 2000-step run's stream (about 200
+    operators) still cost 35 % of a core, hence the cap on the loop's CPU time as well.
     """
 
     interval = 0.1
+    max_busy = 0.1
+    max_pause = 1.0
 
     def __init__(self):
-        self._last = 0.0
+        self._wall: float | None = None  # when the last pause ended
+        self._cpu = 0.0  # the executor thread's CPU time then
 
     def on_execution_step(self, executor) -> None:
-        wait = self._last + self.interval - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        self._last = time.perf_counter()
+        if self._wall is not None:  # (the first step may hold the executor's start-up work: not paced)
+            step_cpu = time.thread_time() - self._cpu
+            wait = max(self._wall + self.interval - time.perf_counter(), step_cpu * (1 / self.max_busy - 1))
+            if wait > 0:
+                time.sleep(min(wait, self.max_pause))
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
 
 
 def cluster_grid(shard_dir: str | Path, num_clusters: int = 8, max_members: int = 8, cell: int = 64,
