@@ -141,3 +141,26 @@ def test_training_dataset_on_ray(tmp_path, monkeypatch):
     assert len(first) == 2 * len(clusters)
     for epoch in (first[:12], first[12:]):  # one example per cluster per epoch
         assert sorted(v // 10 for v in epoch) == list(range(12))
+
+
+def test_paced_scheduling_caps_the_loops_cpu(monkeypatch):
+    """A step that used c seconds of the loop thread's CPU is followed by a pause of c * (1/max_busy - 1)
+    (at most max_pause), so the loop takes at most max_busy of a core; cheap steps keep `interval` apart."""
+    clock = {"wall": 100.0, "cpu": 5.0}
+    slept = []
+    monkeypatch.setattr(stream.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(stream.time, "thread_time", lambda: clock["cpu"])
+    monkeypatch.setattr(stream.time, "sleep", lambda s: [slept.append(s), clock.update(wall=clock["wall"] + s)])
+    paced, P = stream._PacedScheduling(), stream._PacedScheduling
+
+    def step(cpu, wall):
+        clock["cpu"] += cpu
+        clock["wall"] += wall
+        paced.on_execution_step(None)
+
+    step(cpu=0.5, wall=0.5)  # the first step (executor start-up): not paced
+    step(cpu=0.05, wall=0.05)  # an expensive step: 9x its CPU time
+    step(cpu=0.001, wall=0.001)  # a cheap one: the rest of the interval
+    step(cpu=0.0, wall=0.3)  # one that waited on a task for longer than the interval: no pause
+    step(cpu=0.5, wall=0.5)  # a very expensive one: capped
+    assert slept == pytest.approx([0.05 * (1 / P.max_busy - 1), P.interval - 0.001, P.max_pause])
