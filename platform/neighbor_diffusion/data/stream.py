@@ -178,9 +178,11 @@ class _PacedScheduling(ExecutionCallback):
     each step walks every operator (two per epoch of the stream) several times. Once the examples
     buffered ahead of the trainer fill Ray Data's share of the object store (measured: 2000- and
     3000-step cpu-preset runs; 300 steps with a 300 MB store) the loop took 70-92 % of a core from the
-    trainer. The interval is the executor's own wait: dispatch happens no later than it would while a
-    task runs. With one step per interval alone, a step of a 2000-step run's stream (about 200
-    operators) still cost 35 % of a core, hence the cap on the loop's CPU time as well.
+    trainer. The interval is the executor's own wait while a task runs. With one step per interval
+    alone, a step of a 2000-step run's stream (about 200 operators) still cost 35 % of a core, hence
+    the cap on the loop's CPU time as well: after a step that took c seconds of the loop thread's CPU,
+    a pause of c * (1/max_busy - 1), at most `max_pause`. A step that mostly waited on tasks uses little
+    CPU, so a stream that is behind the trainer is barely delayed.
     """
 
     interval = 0.1
