@@ -76,12 +76,14 @@ def test_neighbor_use_is_one_with_shut_gates_and_moves_when_they_open(cfg, model
     from neighbor_diffusion.training.samples import neighbor_use
 
     shut = neighbor_use(cfg, model)
-    assert set(shut) == {"neighbor_loss_ratio", "neighbor_loss_ratio_t299", "neighbor_loss_ratio_t599",
-                         "neighbor_loss_ratio_t899"}  # fmt: skip
+    ts = ("t299", "t599", "t899", "t989")
+    assert set(shut) == {f"neighbor_{m}_ratio{t}" for m in ("loss", "identity") for t in ("", *(f"_{t}" for t in ts))}
     assert all(v == pytest.approx(1.0, abs=1e-6) for v in shut.values()), shut  # zero gates: the text-only UNet
     open_gates(model)
     opened = neighbor_use(cfg, model)
+    # an open (random) branch changes the loss, and changes it differently for another subject's neighbors
     assert abs(opened["neighbor_loss_ratio"] - 1.0) > 1e-3, opened
+    assert abs(opened["neighbor_identity_ratio"] - 1.0) > 1e-5, opened
     assert neighbor_use(cfg, model) == opened  # same subjects, t and noise every time: comparable across steps
     assert not model.training
 

@@ -137,18 +137,24 @@ class RunLogger:
 
     def held_out(self, cfg, unet, step: int, out_dir: str | os.PathLike | None = None):
         """On the fixed held-out subjects: log how much `unet` uses their neighbors (metrics
-        `neighbor_loss_ratio*`) and a sample grid; returns the grid (PIL) or None."""
+        `neighbor_loss_ratio*`, `neighbor_identity_ratio*`) and a sample grid; returns the grid (PIL) or None."""
         from neighbor_diffusion.training.samples import neighbor_use, sample_grid
 
         try:
             use = neighbor_use(cfg, unet)
             self.metrics(use, step=step)
-            shown = " ".join(f"{k.removeprefix('neighbor_loss_ratio_')} {v:.4f}" for k, v in use.items() if "_t" in k)
-            print(
-                f"[train] step {step} held-out loss with / without neighbors {use['neighbor_loss_ratio']:.4f} "
-                f"({shown}; 1 = neighbors unused)",
-                flush=True,
-            )
+
+            def per_t(name: str) -> str:
+                return " ".join(
+                    f"{k.removeprefix(name + '_')} {v:.4f}" for k, v in use.items() if k.startswith(name + "_t")
+                )
+
+            line = f"[train] step {step} held-out loss with / without neighbors {use['neighbor_loss_ratio']:.4f} "
+            line += f"({per_t('neighbor_loss_ratio')}; 1 = neighbors unused)"
+            if "neighbor_identity_ratio" in use:
+                line += f", with the subject's / another subject's {use['neighbor_identity_ratio']:.4f} "
+                line += f"({per_t('neighbor_identity_ratio')}; 1 = identity unused)"
+            print(line, flush=True)
             grid = sample_grid(cfg, unet)
         except Exception as e:  # noqa: BLE001
             print(f"[mlflow] held-out check failed at step {step}: {type(e).__name__}: {e}", flush=True)
