@@ -120,8 +120,10 @@ def test_batched_branches_equal_separate_forwards(cfg, model):
 
 
 def _sample(cfg, model, b, feats, **kw):
-    sched = D.sampling_scheduler(cfg.diffusion, kw.pop("sampler", "ddim"))
+    d = cfg.diffusion
+    sched = D.sampling_scheduler(d, kw.pop("sampler", "ddim"))
     x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(thresholding=d.thresholding, dynamic_thresholding_ratio=d.dynamic_thresholding_ratio, **kw)
     return D.sample(model, sched, b["text_states"], b["text_mask"], feats, num_inference_steps=6, x_T=x_T, **kw)
 
 
@@ -166,13 +168,43 @@ def test_samplers_are_seeded_and_bounded(cfg, model, sampler, thresholding):
     assert torch.isfinite(a).all()
 
 
-def test_static_clipping_is_x0_clipped_to_unit_range(cfg):
-    sched = D.sampling_scheduler(cfg.diffusion, "ddim", "static")
+def test_static_clipping_is_x0_clipped_to_unit_range():
     x0 = torch.tensor([[[[3.0, -2.0], [0.5, -0.25]]]])
-    assert torch.equal(sched._threshold_sample(x0), x0.clamp(-1, 1))
-    dyn = D.sampling_scheduler(cfg.diffusion, "ddim", "dynamic")
-    assert dyn._threshold_sample(x0).abs().max() <= 1.0 + 1e-6
-    assert not torch.equal(dyn._threshold_sample(x0), x0.clamp(-1, 1))  # rescaled, not clipped
+    assert torch.equal(D.threshold_x0(x0, "static"), x0.clamp(-1, 1))
+    assert torch.equal(D.threshold_x0(x0, "none"), x0)
+    dyn = D.threshold_x0(x0, "dynamic")
+    assert dyn.abs().max() <= 1.0 + 1e-6
+    assert not torch.equal(dyn, x0.clamp(-1, 1))  # rescaled, not clipped
+    inside = torch.tensor([[[[0.9, -0.5], [0.1, 0.0]]]])
+    assert torch.equal(D.threshold_x0(inside, "dynamic"), inside)  # s is clamped to >= 1: nothing to do
+    with pytest.raises(ValueError, match="thresholding='soft'"):
+        D.threshold_x0(x0, "soft")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_scheduler_steps_with_the_thresholded_x0_and_the_noise_that_goes_with_it(cfg, prediction_type, mode):
+    """A DDIM step after `thresholded_output` is DDIM's update for (the clipped x0, the eps that x_t and that
+    x0 imply). diffusers' own thresholding keeps the eps of the unclipped x0, which broke guided samples."""
+    d = dataclasses.replace(cfg.diffusion, prediction_type=prediction_type)
+    sched = D.sampling_scheduler(d, "ddim")
+    sched.set_timesteps(10)
+    t, prev = int(sched.timesteps[3]), int(sched.timesteps[4])
+    g = torch.Generator().manual_seed(0)
+    x_t, out = torch.randn(2, 3, 8, 8, generator=g), 3 * torch.randn(2, 3, 8, 8, generator=g)
+    a, a_prev = sched.alphas_cumprod[t], sched.alphas_cumprod[prev]
+    x0 = (
+        (x_t - (1 - a).sqrt() * out) / a.sqrt()
+        if prediction_type == "epsilon"
+        else a.sqrt() * x_t - (1 - a).sqrt() * out
+    )
+    clipped = D.threshold_x0(x0, mode)
+    assert not torch.allclose(clipped, x0)  # the test needs an x0 that thresholding changes
+    eps = (x_t - a.sqrt() * clipped) / (1 - a).sqrt()
+    expected = a_prev.sqrt() * clipped + (1 - a_prev).sqrt() * eps
+    got = sched.step(D.thresholded_output(out, x_t, t, sched, mode), t, x_t).prev_sample
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(D.thresholded_output(out, x_t, t, sched, "none"), out)
 
 
 def test_debug_model_overfits_a_tiny_batch(cfg, model):

@@ -1,9 +1,14 @@
 """Diffusion math: training loss and guided sampling, with the network as an argument.
 
 Schedulers are diffusers': DDPM for training (`add_noise`, `get_velocity`), DDIM or
-DPM-Solver++ for sampling. Imagen's dynamic thresholding is the schedulers'
-`thresholding=True`; static clipping is the same code with `sample_max_value=1`
-(the percentile is clamped to 1, so x0 is clipped to [-1, 1]).
+DPM-Solver++ for sampling. Thresholding (Imagen's dynamic thresholding, or static
+clipping to [-1, 1]) is done here, not by the schedulers: `thresholded_output` clips the
+predicted x0 and hands the scheduler the model output that x_t and the clipped x0 imply,
+as Imagen's sampler does (its posterior uses x_t and the clipped x0). diffusers'
+`thresholding=True` clips x0 but keeps the noise estimate of the unclipped one; with
+guidance that pair does not add up, and measured on the 2000-step cpu model (16 held-out
+samples, text guidance 3, neighbor guidance 2) it turned samples into noise-covered
+scenes: text fidelity 0.345, against 0.574 done here.
 
 Guidance has three branches, batched into one forward pass per step:
 
@@ -50,24 +55,57 @@ def train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     )
 
 
-def sampling_scheduler(cfg: DiffusionConfig, sampler: str | None = None, thresholding: str | None = None):
-    """A fresh DDIM / DPM-Solver++ scheduler on the training noise schedule."""
+def sampling_scheduler(cfg: DiffusionConfig, sampler: str | None = None):
+    """A fresh DDIM / DPM-Solver++ scheduler on the training noise schedule (thresholding: see `sample`)."""
     sampler = sampler or cfg.sampler
-    thresholding = thresholding or cfg.thresholding
     common = dict(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
         prediction_type=cfg.prediction_type,
         timestep_spacing="trailing",
-        thresholding=thresholding != "none",
-        dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
-        sample_max_value=cfg.max_threshold if thresholding == "dynamic" else 1.0,
     )
     if sampler == "ddim":
         return DDIMScheduler(clip_sample=False, **common)
     if sampler == "dpm++":
         return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
     raise ValueError(f"sampler={sampler!r}: must be 'ddim' or 'dpm++'")
+
+
+def threshold_x0(x0: torch.Tensor, mode: str, ratio: float = 0.995, max_value: float = 4.0) -> torch.Tensor:
+    """Imagen's thresholding of a predicted x0 (B, C, H, W). "static": clip to [-1, 1]. "dynamic": s = the
+    `ratio` quantile of |x0| per image, clamped to [1, max_value]; clip to [-s, s], divide by s. "none": as is."""
+    if mode == "none":
+        return x0
+    if mode == "static":
+        return x0.clamp(-1, 1)
+    if mode == "dynamic":
+        s = torch.quantile(x0.abs().reshape(x0.shape[0], -1).float(), ratio, dim=1).clamp(1, max_value)
+        s = s.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        return x0.clamp(-s, s) / s
+    raise ValueError(f"thresholding={mode!r}: must be 'dynamic', 'static' or 'none'")
+
+
+def thresholded_output(
+    output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: int,
+    scheduler: DDIMScheduler | DPMSolverMultistepScheduler,
+    mode: str,
+    ratio: float = 0.995,
+    max_value: float = 4.0,
+) -> torch.Tensor:
+    """The eps / v prediction whose x0 is the thresholded x0 of `output`, given x_t: what the scheduler steps
+    with, so that its x0 and its noise estimate agree (x_t = sqrt(a) x0 + sqrt(1 - a) eps)."""
+    if mode == "none":
+        return output
+    a = scheduler.alphas_cumprod[int(t)].to(x_t.device, torch.float32)
+    sa, sb = a.sqrt(), (1 - a).sqrt()
+    kind = scheduler.config.prediction_type
+    x_t32, out32 = x_t.float(), output.float()
+    x0 = (x_t32 - sb * out32) / sa if kind == "epsilon" else sa * x_t32 - sb * out32  # v_prediction
+    x0 = threshold_x0(x0, mode, ratio, max_value)
+    new = (x_t32 - sa * x0) / sb if kind == "epsilon" else (sa * x_t32 - x0) / sb
+    return new.to(output.dtype)
 
 
 # ---------------------------------------------------------------------------- training
@@ -191,6 +229,9 @@ def sample(
     x_T: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     seed: int = 0,
+    thresholding: str = "none",
+    dynamic_thresholding_ratio: float = 0.995,
+    max_threshold: float = 4.0,
 ) -> torch.Tensor:
     """Reverse diffusion from x_T ~ N(0, I); returns x0 in [-1, 1], (B, C, H, W).
 
@@ -229,5 +270,6 @@ def sample(
         eps = guided_prediction(
             model, x_in, tt, text_states, text_mask, feats, text_guidance, neighbor_guidance, branches
         )
+        eps = thresholded_output(eps, x_in, int(t), scheduler, thresholding, dynamic_thresholding_ratio, max_threshold)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return x.clamp(-1, 1)

@@ -158,6 +158,9 @@ class NeighborDiffusionPipeline:
             interleave_ratio=d.interleave_ratio if interleave_ratio is None else interleave_ratio,
             x_T=x_T,
             seed=int(seeds[0]),
+            thresholding=d.thresholding,
+            dynamic_thresholding_ratio=d.dynamic_thresholding_ratio,
+            max_threshold=d.max_threshold,
         )
 
     def __call__(
