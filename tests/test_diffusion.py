@@ -123,7 +123,8 @@ def _sample(cfg, model, b, feats, **kw):
     d = cfg.diffusion
     sched = D.sampling_scheduler(d, kw.pop("sampler", "ddim"))
     x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    kw = dict(thresholding=d.thresholding, dynamic_thresholding_ratio=d.dynamic_thresholding_ratio, **kw)
+    kw = dict(thresholding=d.thresholding, dynamic_thresholding_ratio=d.dynamic_thresholding_ratio,
+              max_threshold=d.max_threshold, **kw)  # fmt: skip
     return D.sample(model, sched, b["text_states"], b["text_mask"], feats, num_inference_steps=6, x_T=x_T, **kw)
 
 

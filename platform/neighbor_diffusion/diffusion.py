@@ -270,6 +270,6 @@ def sample(
         eps = guided_prediction(
             model, x_in, tt, text_states, text_mask, feats, text_guidance, neighbor_guidance, branches
         )
-        eps = thresholded_output(eps, x_in, int(t), scheduler, thresholding, dynamic_thresholding_ratio, max_threshold)
+        eps = thresholded_output(eps, x, int(t), scheduler, thresholding, dynamic_thresholding_ratio, max_threshold)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return x.clamp(-1, 1)
