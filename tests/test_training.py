@@ -77,8 +77,13 @@ def test_neighbor_use_is_one_with_shut_gates_and_moves_when_they_open(cfg, model
 
     shut = neighbor_use(cfg, model)
     ts = ("t299", "t599", "t899", "t989")
-    assert set(shut) == {f"neighbor_{m}_ratio{t}" for m in ("loss", "identity") for t in ("", *(f"_{t}" for t in ts))}
-    assert all(v == pytest.approx(1.0, abs=1e-6) for v in shut.values()), shut  # zero gates: the text-only UNet
+    ratios = {f"neighbor_{m}_ratio{t}" for m in ("loss", "identity") for t in ("", *(f"_{t}" for t in ts))}
+    errors = {"x0_error_t989", "x0_error_t989_no_neighbors", "x0_bound_prompt", "x0_bound_subject"}
+    assert set(shut) == ratios | errors
+    assert all(shut[k] == pytest.approx(1.0, abs=1e-6) for k in ratios), shut  # zero gates: the text-only UNet
+    assert shut["x0_error_t989"] == pytest.approx(shut["x0_error_t989_no_neighbors"], rel=1e-6)
+    # knowing the subject leaves less to guess than the prompt alone; an untrained model is far from either
+    assert 0 < shut["x0_bound_subject"] < 0.8 * shut["x0_bound_prompt"] < shut["x0_error_t989"], shut
     open_gates(model)
     opened = neighbor_use(cfg, model)
     # an open (random) branch changes the loss, and changes it differently for another subject's neighbors
@@ -86,6 +91,27 @@ def test_neighbor_use_is_one_with_shut_gates_and_moves_when_they_open(cfg, model
     assert abs(opened["neighbor_identity_ratio"] - 1.0) > 1e-5, opened
     assert neighbor_use(cfg, model) == opened  # same subjects, t and noise every time: comparable across steps
     assert not model.training
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_x0_error_is_the_loss_in_x0_units(cfg, model, monkeypatch, prediction_type):
+    """A model whose x0 estimate is 0 everywhere has the x0 error mean(x0^2), whatever it parametrises."""
+    from neighbor_diffusion import diffusion
+    from neighbor_diffusion.training.samples import _neighbor_use_batch, neighbor_use
+
+    cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, prediction_type=prediction_type))
+    alpha_bar = diffusion.train_scheduler(cfg.diffusion).alphas_cumprod
+
+    def zero_x0(sample, timestep, *args, **kwargs):  # x_t = sqrt(a) x0 + sqrt(1 - a) eps with x0 = 0
+        a = alpha_bar[timestep].view(-1, 1, 1, 1)
+        eps = sample / (1 - a).sqrt()
+        return a.sqrt() * eps if prediction_type == "v_prediction" else eps  # v = sqrt(a) eps - sqrt(1 - a) x0
+
+    monkeypatch.setattr(model, "forward", zero_x0)
+    use = neighbor_use(cfg, model)
+    expected = _neighbor_use_batch(cfg.to_json())["image"].pow(2).mean().item()
+    assert use["x0_error_t989"] == pytest.approx(expected, rel=1e-3)
+    assert use["x0_error_t989_no_neighbors"] == pytest.approx(expected, rel=1e-3)
 
 
 def test_resuming_a_run_of_another_model_is_refused_with_the_fields_named(tmp_path, capsys):
@@ -171,7 +197,8 @@ def test_zero_stage_trains_checkpoints_and_registers(zero_runs, stage):
     assert (
         ratio > 0
         and ratio == ratio
-        and {"neighbor_loss_ratio_t299", "neighbor_loss_ratio_t899"} <= set(run.data.metrics)
+        and {"neighbor_loss_ratio_t299", "neighbor_loss_ratio_t899", "x0_error_t989", "x0_bound_subject"}
+        <= set(run.data.metrics)
     )
     artifacts = {a.path for a in client.list_artifacts(out.run_id, "samples")}
     assert "samples/step_000008.png" in artifacts

@@ -137,7 +137,8 @@ class RunLogger:
 
     def held_out(self, cfg, unet, step: int, out_dir: str | os.PathLike | None = None):
         """On the fixed held-out subjects: log how much `unet` uses their neighbors (metrics
-        `neighbor_loss_ratio*`, `neighbor_identity_ratio*`) and a sample grid; returns the grid (PIL) or None."""
+        `neighbor_loss_ratio*`, `neighbor_identity_ratio*`, `x0_error*`, `x0_bound*`: see
+        `training.samples.neighbor_use`) and a sample grid; returns the grid (PIL) or None."""
         from neighbor_diffusion.training.samples import neighbor_use, sample_grid
 
         try:
@@ -155,6 +156,13 @@ class RunLogger:
                 line += f", with the subject's / another subject's {use['neighbor_identity_ratio']:.4f} "
                 line += f"({per_t('neighbor_identity_ratio')}; 1 = identity unused)"
             print(line, flush=True)
+            (t, with_n), (_, without) = ((k, v) for k, v in use.items() if k.startswith("x0_error_t"))
+            print(
+                f"[train] step {step} held-out x0 error at t={t.removeprefix('x0_error_t')}: {with_n:.4f} with "
+                f"neighbors, {without:.4f} without; least possible at t=T from the prompt "
+                f"{use['x0_bound_prompt']:.4f}, knowing the subject {use['x0_bound_subject']:.4f}",
+                flush=True,
+            )
             grid = sample_grid(cfg, unet)
         except Exception as e:  # noqa: BLE001
             print(f"[mlflow] held-out check failed at step {step}: {type(e).__name__}: {e}", flush=True)
