@@ -93,13 +93,15 @@ def test_neighbor_use_is_one_with_shut_gates_and_moves_when_they_open(cfg, model
     assert not model.training
 
 
-@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
-def test_x0_error_is_the_loss_in_x0_units(cfg, model, monkeypatch, prediction_type):
-    """A model whose x0 estimate is 0 everywhere has the x0 error mean(x0^2), whatever it parametrises."""
+@pytest.mark.parametrize("prediction_type, snr_gamma", [("v_prediction", 0.0), ("epsilon", 0.0), ("v_prediction", 5.0)])
+def test_x0_error_is_the_loss_in_x0_units(cfg, model, monkeypatch, prediction_type, snr_gamma):
+    """A model whose x0 estimate is 0 everywhere has the x0 error mean(x0^2), whatever it parametrises and
+    however the loss weights t."""
     from neighbor_diffusion import diffusion
     from neighbor_diffusion.training.samples import _neighbor_use_batch, neighbor_use
 
-    cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, prediction_type=prediction_type))
+    dcfg = dataclasses.replace(cfg.diffusion, prediction_type=prediction_type, snr_gamma=snr_gamma)
+    cfg = dataclasses.replace(cfg, diffusion=dcfg)
     alpha_bar = diffusion.train_scheduler(cfg.diffusion).alphas_cumprod
 
     def zero_x0(sample, timestep, *args, **kwargs):  # x_t = sqrt(a) x0 + sqrt(1 - a) eps with x0 = 0

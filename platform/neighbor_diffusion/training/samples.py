@@ -187,9 +187,12 @@ def neighbor_use(cfg: Config, unet: NeighborUNet) -> dict[str, float]:
     if identity:
         out = {**out, "neighbor_identity_ratio": sum(identity.values()) / len(identity), **identity}
     # the loss at a single t is the x0 error times a constant: |v - v'|^2 = |x0 - x0'|^2 / (1 - a),
-    # |eps - eps'|^2 = |x0 - x0'|^2 a / (1 - a), with a = alpha_bar(t)
+    # |eps - eps'|^2 = |x0 - x0'|^2 a / (1 - a), with a = alpha_bar(t); with min-SNR weighting, min(SNR, gamma)
     a = scheduler.alphas_cumprod[t[0].item()].item()
-    to_x0 = (1 - a) if cfg.diffusion.prediction_type == "v_prediction" else (1 - a) / a
+    if cfg.diffusion.snr_gamma:
+        to_x0 = 1 / min(a / (1 - a), cfg.diffusion.snr_gamma)
+    else:
+        to_x0 = (1 - a) if cfg.diffusion.prediction_type == "v_prediction" else (1 - a) / a
     out[f"x0_error_t{int(t[0])}"] = with_n.item() * to_x0
     out[f"x0_error_t{int(t[0])}_no_neighbors"] = without.item() * to_x0
     return {**out, **x0_error_bounds(cfg.to_json())}
