@@ -172,6 +172,17 @@ def min_snr_weight(scheduler: DDPMScheduler, t: torch.Tensor, cfg: DiffusionConf
     return clipped / (snr + 1) if cfg.prediction_type == "v_prediction" else clipped / snr
 
 
+def x0_error_per_loss(scheduler: DDPMScheduler, t: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
+    """What `training_losses` at timestep t is multiplied by to give the x0 error there:
+    |v - v'|^2 = (SNR + 1) |x0 - x0'|^2, |eps - eps'|^2 = SNR |x0 - x0'|^2, and min-SNR weighting turns
+    either into min(SNR, gamma) |x0 - x0'|^2."""
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    if cfg.snr_gamma:
+        return 1 / torch.clamp(snr, max=cfg.snr_gamma)
+    return 1 / (snr + 1) if cfg.prediction_type == "v_prediction" else 1 / snr
+
+
 # ---------------------------------------------------------------------------- sampling
 
 

@@ -131,11 +131,11 @@ def x0_error_bounds(cfg_json: str, draws: int = BOUND_DRAWS) -> dict[str, float]
     cfg = Config.from_dict(json.loads(cfg_json))
     S, rng = cfg.model.image_size, np.random.default_rng(0)
     errors: dict[str, list[float]] = {"x0_bound_prompt": [], "x0_bound_subject": []}
+    n_classes = len(world.CLASSES)
+    first = -(-cfg.data.num_subjects // n_classes)  # within-class index past the world's subjects
     for ex in _examples(cfg_json, NEIGHBOR_USE_EXAMPLES):
         subject = world.Subject.from_dict(ex["subject"])
-        target = to_tensor(ex["target"], S)
-        n_classes, cls = len(world.CLASSES), world.CLASSES.index(subject.noun)
-        first = -(-cfg.data.num_subjects // n_classes)  # within-class index past the world's subjects
+        target, cls = to_tensor(ex["target"], S), world.CLASSES.index(subject.noun)
         others = [
             world.make_subject((first + int(i)) * n_classes + cls, cfg.data.seed) for i in rng.integers(0, 10**6, draws)
         ]
@@ -186,13 +186,7 @@ def neighbor_use(cfg: Config, unet: NeighborUNet) -> dict[str, float]:
     out = {"neighbor_loss_ratio": sum(loss.values()) / len(loss), **loss}
     if identity:
         out = {**out, "neighbor_identity_ratio": sum(identity.values()) / len(identity), **identity}
-    # the loss at a single t is the x0 error times a constant: |v - v'|^2 = |x0 - x0'|^2 / (1 - a),
-    # |eps - eps'|^2 = |x0 - x0'|^2 a / (1 - a), with a = alpha_bar(t); with min-SNR weighting, min(SNR, gamma)
-    a = scheduler.alphas_cumprod[t[0].item()].item()
-    if cfg.diffusion.snr_gamma:
-        to_x0 = 1 / min(a / (1 - a), cfg.diffusion.snr_gamma)
-    else:
-        to_x0 = (1 - a) if cfg.diffusion.prediction_type == "v_prediction" else (1 - a) / a
+    to_x0 = diffusion.x0_error_per_loss(scheduler, t[:1], cfg.diffusion).item()
     out[f"x0_error_t{int(t[0])}"] = with_n.item() * to_x0
     out[f"x0_error_t{int(t[0])}_no_neighbors"] = without.item() * to_x0
     return {**out, **x0_error_bounds(cfg.to_json())}
