@@ -118,16 +118,18 @@ def test_training_dataset_on_ray(tmp_path, monkeypatch):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
 
-        def run(seed):
+        def run(seed, per_task=512):
             targets, batch = [], None
-            for batch in stream.training_dataset(str(tmp_path), cfg, seed=seed, num_epochs=2).iter_torch_batches(
-                batch_size=5
-            ):
+            dataset = stream.training_dataset(str(tmp_path), cfg, seed=seed, num_epochs=3, examples_per_task=per_task)
+            for batch in dataset.iter_torch_batches(batch_size=5):
                 targets += [int(round(float(t))) for t in batch["text_states"][:, 0, 0]]
+                for example in range(len(batch["image"])):  # neighbors from the target's own cluster
+                    target, neighbors = member_ids({k: v[example].numpy() for k, v in batch.items()})
+                    assert {v // 10 for v in neighbors} == {target // 10}
             return targets, batch
 
         first, batch = run(0)
-        again, _ = run(0)
+        again, _ = run(0, per_task=5)  # examples split over tasks differently: the same examples
         other, _ = run(1)
         left_in_context = ray.data.DataContext.get_current().custom_execution_callback_classes
     finally:
@@ -138,9 +140,9 @@ def test_training_dataset_on_ray(tmp_path, monkeypatch):
     assert stream._PacedScheduling not in left_in_context  # ... and other datasets are left alone
     assert set(batch) == set(BATCH_KEYS) and batch["neighbor_images"].shape[1:] == (cfg.model.max_neighbors, 3, S, S)
     assert first == again and first != other  # deterministic given the seed
-    assert len(first) == 2 * len(clusters)
-    for epoch in (first[:12], first[12:]):  # one example per cluster per epoch
-        assert sorted(v // 10 for v in epoch) == list(range(12))
+    epochs = [[t // 10 for t in first[e * 12 : (e + 1) * 12]] for e in range(3)]  # (member i of cluster c: 10c + i)
+    assert len(first) == 3 * len(clusters) and all(sorted(e) == list(range(12)) for e in epochs)  # each cluster once
+    assert len({tuple(e) for e in epochs}) == 3  # in a new order each epoch
 
 
 def test_paced_scheduling_caps_the_loops_cpu(monkeypatch):
