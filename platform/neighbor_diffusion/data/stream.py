@@ -19,6 +19,7 @@ T = text.max_length, D = the text encoder's width):
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import time
@@ -130,9 +131,12 @@ def example_rng(seed: int, epoch: int, cluster_id: str) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, epoch, cluster_id))
 
 
+@functools.lru_cache(maxsize=4)  # per worker process: drawn once per epoch, not once per map call
 def epoch_order(seed: int, epoch: int, num_clusters: int) -> np.ndarray:
     """The clusters' order in one epoch: a permutation of range(num_clusters), fixed by (seed, epoch)."""
-    return np.random.default_rng(derive_seed(seed, "shuffle", epoch)).permutation(num_clusters)
+    order = np.random.default_rng(derive_seed(seed, "shuffle", epoch)).permutation(num_clusters)
+    order.flags.writeable = False  # shared by every caller (cached)
+    return order
 
 
 def _examples(batch: dict[str, np.ndarray], blocks: list, ends: np.ndarray, cfg: Config, seed: int) -> dict:
@@ -143,12 +147,10 @@ def _examples(batch: dict[str, np.ndarray], blocks: list, ends: np.ndarray, cfg:
     """
     import ray
 
-    n, orders, tables, examples = int(ends[-1]), {}, {}, []
+    n, tables, examples = int(ends[-1]), {}, []
     for i in batch["id"].tolist():
         epoch, place = divmod(int(i), n)
-        if epoch not in orders:
-            orders[epoch] = epoch_order(seed, epoch, n)
-        row = int(orders[epoch][place])
+        row = int(epoch_order(seed, epoch, n)[place])
         b = int(np.searchsorted(ends, row, side="right"))
         if b not in tables:
             tables[b] = ray.get(blocks[b])
