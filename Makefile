@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 PRESET ?= cpu
 MODEL  ?= models:/neighbor-diffusion@candidate
+# `make demo STEPS=8000` trains longer than the preset's steps, as its own run (runs/neighbor-diffusion-8000)
+STEPS  ?=
+RUN    := neighbor-diffusion$(if $(STEPS),-$(STEPS))
 SERVE_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -29,8 +32,8 @@ setup: $(BIN)/.installed
 # -> the neighbor model's benchmark numbers beside the text-only baseline's.
 demo: setup
 	$(PY) jobs/prepare_data.py --preset $(PRESET)
-	$(PY) jobs/train.py --preset $(PRESET)
-	$(PY) jobs/evaluate.py --model runs/neighbor-diffusion/pipeline --quick
+	$(PY) jobs/train.py --preset $(PRESET) --train.run_name $(RUN) $(if $(STEPS),--train.steps $(STEPS) --train.sample_every 1000)
+	$(PY) jobs/evaluate.py --model runs/$(RUN)/pipeline --quick
 
 test: setup
 	$(BIN)/pytest -q
