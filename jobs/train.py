@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> trainer.TrainOutcome:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_cli_arguments(parser)
     parser.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
+    parser.add_argument(
+        "--export-backbone",
+        metavar="FILE",
+        help="also write the trained UNet without its neighbor layers to FILE (safetensors), for train.init_from",
+    )
     args = parser.parse_args(argv)
     cfg = C.from_cli_args(args)
 
@@ -49,6 +54,20 @@ def main(argv: list[str] | None = None) -> trainer.TrainOutcome:
     print(f"[train] pipeline:    {outcome.pipeline_dir}")
     print(f"[train] sample grid: {outcome.pipeline_dir.parent / f'samples_step_{cfg.train.steps:06d}.png'}")
     print(f"[train] MLflow run:  {outcome.run_id}  (make mlflow-ui, then http://127.0.0.1:5000)")
+    if args.export_backbone:
+        from mlflow import MlflowClient
+
+        from neighbor_diffusion.tracking import git_commit
+
+        final = MlflowClient().get_run(outcome.run_id).data.metrics  # the held-out x0 errors at the last step
+        provenance = {
+            "command": " ".join(["python", *(sys.argv if argv is None else ["jobs/train.py", *argv])]),
+            "git_commit": git_commit(),
+            "mlflow_run_id": outcome.run_id,
+            **{k: f"{v:.4f}" for k, v in sorted(final.items()) if k.startswith(("x0_", "loss"))},
+        }
+        path = trainer.export_backbone(outcome.pipeline_dir, Path(args.export_backbone), provenance)
+        print(f"[train] backbone:    {path}  (--train.init_from {path})")
     if outcome.model_uri:
         print(f"[train] model:       {outcome.model_uri}  (serve it: make serve MODEL={outcome.model_uri})")
     return outcome

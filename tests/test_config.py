@@ -53,6 +53,8 @@ def test_cli_overrides_any_field():
         ({"train.zero_stage": "4"}, "train.zero_stage"),
         ({"train.offload": "true"}, "train.offload"),
         ({"train.lr": "fast"}, "train.lr"),
+        ({"train.neighbor_lr_scale": "0"}, "train.neighbor_lr_scale"),
+        ({"train.neighbor_gate_init": "nan"}, "train.neighbor_gate_init"),
         ({"serve.port": "70000"}, "serve.port"),
         ({"model.no_such_field": "1"}, "model.no_such_field"),
     ],

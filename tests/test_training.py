@@ -128,6 +128,88 @@ def test_resuming_a_run_of_another_model_is_refused_with_the_fields_named(tmp_pa
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, block_out_channels=(16, 64)))
     with pytest.raises(ValueError, match=r"model\.block_out_channels differ"):
         check_resumable(other, tmp_path)
+    # a neighbor lr scale adds an optimizer parameter group: a checkpoint with one cannot take two
+    with pytest.raises(ValueError, match=r"train\.neighbor_lr_scale \(1\.0 there\) differ"):
+        check_resumable(_train_cfg(cfg, neighbor_lr_scale=5.0), tmp_path)
+
+
+def _train_cfg(cfg, **train):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+
+
+def test_param_groups_give_the_neighbor_layers_their_own_lr(cfg):
+    cfg = _train_cfg(cfg, lr=1e-3, neighbor_lr_scale=4.0, warmup_steps=2)
+    objective = E.DiffusionObjective(E.build_unet(cfg), cfg)
+    backbone, neighbor = E.param_groups(objective, cfg)
+    names = {id(p): n for n, p in objective.named_parameters()}
+    assert len(backbone["params"]) + len(neighbor["params"]) == len(names)  # every parameter, once
+    assert {names[id(p)].split(".")[1] for p in neighbor["params"]} == {"neighbor_attention"}
+    assert not any(".neighbor_attention." in names[id(p)] for p in backbone["params"])
+    opt = torch.optim.AdamW([backbone, neighbor], lr=cfg.train.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, E.lr_lambda(cfg))
+    assert sched.get_last_lr() == pytest.approx([0.5e-3, 2e-3])  # warm-up scales both groups alike
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr() == pytest.approx([1e-3, 4e-3])
+    (single,) = E.param_groups(objective, _train_cfg(cfg, neighbor_lr_scale=1.0))  # as checkpoints before the scale
+    assert len(single["params"]) == len(names) and single["lr"] == cfg.train.lr
+
+
+def _save_unet(unet, path):
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, path)
+    return path
+
+
+def test_init_from_loads_the_backbone_and_starts_the_neighbor_layers_fresh(cfg, tmp_path):
+    base = E.build_unet(_train_cfg(cfg, seed=1))  # another seed: other weights everywhere
+    file = _save_unet(base, tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors")
+    fresh = E.build_unet(cfg).state_dict()
+    for init_from in (str(file), str(tmp_path / "pipe")):  # the file, or the pipeline folder holding it
+        run = _train_cfg(cfg, init_from=init_from, neighbor_gate_init=0.5)
+        assert E.check_init_from(run) == str(file.resolve())
+        got = E.build_unet(run).state_dict()
+        for k, v in got.items():
+            if not E.is_neighbor_parameter(k):
+                assert torch.equal(v, base.state_dict()[k]), k
+            elif k.endswith(".gate"):
+                assert torch.equal(v, torch.full_like(v, 0.5)), k
+            else:
+                assert torch.equal(v, fresh[k]), k
+
+
+def test_init_from_that_does_not_fit_is_refused_with_file_and_keys_named(cfg, tmp_path):
+    with pytest.raises(C.ConfigError, match=r"train\.init_from='nowhere': no file"):
+        E.check_init_from(_train_cfg(cfg, init_from="nowhere"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(C.ConfigError, match=r"junk\.safetensors is not a safetensors file"):
+        E.check_init_from(_train_cfg(cfg, init_from=str(tmp_path / "junk.safetensors")))
+    wide = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, block_out_channels=(16, 64)))
+    file = _save_unet(E.build_unet(wide), tmp_path / "wide.safetensors")
+    with pytest.raises(
+        C.ConfigError, match=r"wide\.safetensors does not fit .*norm\.bias is \(64,\), the model's is \(32,\)"
+    ) as e:
+        E.check_init_from(_train_cfg(cfg, init_from=str(file)))
+    assert "model.*" in str(e.value) and "--train.init_from ''" in str(e.value)
+
+
+def test_the_shipped_text_base_fits_the_cpu_preset_and_is_trained():
+    """The cpu preset starts from the text-only base shipped in the package: it must load into the preset's
+    model, say how it was made, and denoise held-out prompts far better than the same UNet untrained."""
+    from safetensors import safe_open
+
+    from neighbor_diffusion.training.samples import neighbor_use
+
+    cpu = C.cpu()
+    path = E.check_init_from(cpu)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert "jobs/train.py --preset cpu" in meta["command"] and len(meta["git_commit"]) == 40, meta
+    trained = neighbor_use(cpu, E.build_unet(cpu))["x0_error_t989_no_neighbors"]
+    untrained = neighbor_use(cpu, E.build_unet(_train_cfg(cpu, init_from="")))["x0_error_t989_no_neighbors"]
+    assert trained < 0.5 * untrained, (trained, untrained)
 
 
 def test_step_generator_depends_on_rank_and_step():
@@ -222,3 +304,39 @@ def test_registered_model_loads_as_a_pipeline(zero_runs):
 
     pipe = NeighborDiffusionPipeline.from_pretrained(resolve_pipeline_dir("models:/nd-smoke@candidate"), "cpu")
     assert pipe.config.train.zero_stage == 3
+
+
+def test_a_run_from_a_base_keeps_its_backbone_and_trains_the_neighbor_layers_at_their_lr(
+    zero_runs, local_ray, tmp_path
+):
+    """ZeRO-3 on 2 workers from the stage-0 run's backbone (exported as `make base` does): the backbone's lr
+    is ~0 and the neighbor layers' 1e6 times it, so the export keeps the base's backbone and has moved the
+    neighbor layers."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from neighbor_diffusion.training import trainer
+
+    base_dir = zero_runs[0][1].pipeline_dir
+    backbone = trainer.export_backbone(base_dir, tmp_path / "base.safetensors", {"command": "make base"})
+    with safe_open(str(backbone), "pt") as f:
+        assert f.metadata() == {"command": "make base"} and not any(map(E.is_neighbor_parameter, f.keys()))
+    run = dict(lr=1e-9, warmup_steps=0, neighbor_lr_scale=1e6, neighbor_gate_init=0.5)
+    cfg = _cfg(
+        tmp_path, zero_stage=3, run_name="from-base", steps=3, checkpoint_every=3, init_from=str(backbone), **run
+    )
+    out = trainer.train(cfg, {"train": local_ray.data.from_items(synthetic_rows(cfg, n=64))}, register=False)
+    unet_file = "unet/diffusion_pytorch_model.safetensors"
+    base, got = load_file(base_dir / unet_file), load_file(out.pipeline_dir / unet_file)
+    fresh = E.build_unet(
+        cfg.__class__.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "init_from": ""}})
+    )
+    moved = []
+    for k, v in got.items():
+        if not E.is_neighbor_parameter(k):
+            assert torch.allclose(v, base[k], atol=1e-6), k
+        elif k.endswith(".gate"):
+            assert torch.allclose(v, torch.full_like(v, 0.5), atol=0.02), k
+        else:
+            moved.append((v - fresh.state_dict()[k]).abs().max().item())
+    assert moved and min(moved) > 1e-4, moved

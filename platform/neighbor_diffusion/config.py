@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -284,6 +286,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # Start from a trained text-to-image UNet (Re-Imagen / SuTI: the neighbor layers are added to a
+    # pretrained model): a UNet .safetensors file, a pipeline folder or a models:/ URI, which every
+    # worker can read. Its backbone is loaded; the neighbor-attention layers start fresh. "" = from scratch.
+    # A run that resumes from its own checkpoint ignores it.
+    init_from: str = ""
+    neighbor_gate_init: float = 0.0  # the neighbor layers' output gates start at tanh(this); 0 = switched off
+    neighbor_lr_scale: float = 1.0  # the neighbor layers' learning rate is train.lr times this
     zero_stage: int = 0
     offload: bool = False
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -317,6 +326,13 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", self.ema_decay, "must be in [0, 1)")
+        _check(
+            math.isfinite(self.neighbor_gate_init),
+            "train.neighbor_gate_init",
+            self.neighbor_gate_init,
+            "must be finite",
+        )
+        _check(self.neighbor_lr_scale > 0, "train.neighbor_lr_scale", self.neighbor_lr_scale, "must be > 0")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
         _check(
             not self.offload or self.zero_stage >= 2,
@@ -484,6 +500,8 @@ def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
 
 # ---------------------------------------------------------------------------- presets
 
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"  # trained weights shipped with the package
+
 
 def debug() -> Config:
     """Unit tests and smoke tests: seconds on a CPU."""
@@ -492,6 +510,12 @@ def debug() -> Config:
 
 def cpu() -> Config:
     """The embedded-default demo: learns subjects in minutes on 2 CPU cores, 32x32 pixels.
+
+    It starts from the text-only base shipped in the package (`make base`: this preset for
+    6000 steps with the neighbors always dropped, held-out x0 error near pure noise 0.048
+    against 0.032 possible from the prompt) and trains the neighbor layers with it, gates
+    open and at 5x the learning rate. Issue #4, 2 cores: held-out identity ratio 0.88 after
+    these 700 steps; from scratch the same 700 steps give 1.00, and 3000 steps 0.88.
 
     Attention (text and neighbors) at the 16x16 level only, and a narrow 8x8 level: the same
     step time on 2 cores as attention at 8x8 with 128 channels there, but the held-out
@@ -515,6 +539,9 @@ def cpu() -> Config:
         diffusion=DiffusionConfig(num_inference_steps=25, prediction_type="v_prediction"),
         data=DataConfig(num_subjects=48, num_heldout_subjects=8, num_pages=400),
         train=TrainConfig(
+            init_from=str(SHIPPED_WEIGHTS / "cpu_text_base.safetensors"),
+            neighbor_gate_init=1.0,
+            neighbor_lr_scale=5.0,
             steps=700,
             batch_size=16,
             lr=1e-3,

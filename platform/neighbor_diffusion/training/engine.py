@@ -20,6 +20,7 @@ from torch import nn
 from neighbor_diffusion import diffusion
 from neighbor_diffusion.config import Config, ConfigError
 from neighbor_diffusion.model import NeighborUNet
+from neighbor_diffusion.text import text_encoder_dim
 
 ENGINE_TAG = "state"  # DeepSpeed checkpoint tag inside every Ray checkpoint
 EMA_FILE = "ema.safetensors"
@@ -80,6 +81,95 @@ def validate_deepspeed_config(ds: dict[str, Any], world_size: int) -> None:
         DeepSpeedConfig(single)
     except Exception as e:
         raise ConfigError(f"deepspeed: {e}") from None
+
+
+# ---------------------------------------------------------------------------- the model a run starts from
+
+NEIGHBOR_PREFIX = "neighbor_attention."
+
+
+def is_neighbor_parameter(name: str) -> bool:
+    """A neighbor-attention parameter, by its UNet state-dict name (or the objective's `unet.`-prefixed one)."""
+    return name.removeprefix("unet.").startswith(NEIGHBOR_PREFIX)
+
+
+def init_weights_file(init_from: str) -> Path:
+    """`train.init_from` -> the UNet safetensors file it names: that file, a pipeline folder or a models:/ URI."""
+    if init_from.startswith(("models:/", "runs:/")):
+        from neighbor_diffusion.tracking import resolve_pipeline_dir
+
+        path = resolve_pipeline_dir(init_from)
+    else:
+        path = Path(init_from).expanduser()
+    if path.is_dir():
+        path = path / "unet" / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise ConfigError(
+            f"train.init_from={init_from!r}: no file {path} (expected a UNet .safetensors file, a pipeline "
+            "folder or a models:/ URI)"
+        )
+    return path.resolve()
+
+
+def check_init_from(cfg: Config) -> str:
+    """Check `train.init_from` against `model.*` before any worker starts (names, shapes, from the
+    file's header and a model built on the meta device); returns the absolute path workers load."""
+    if not cfg.train.init_from:
+        return ""
+    from safetensors import safe_open
+
+    path = init_weights_file(cfg.train.init_from)
+    try:
+        with safe_open(str(path), "pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if not is_neighbor_parameter(k)}
+    except Exception as e:
+        raise ConfigError(f"train.init_from={cfg.train.init_from!r}: {path} is not a safetensors file ({e})") from None
+    with torch.device("meta"):
+        unet = NeighborUNet.from_model_config(cfg.model, text_encoder_dim(cfg.text.encoder))
+    want = {k: tuple(v.shape) for k, v in unet.state_dict().items() if not is_neighbor_parameter(k)}
+    problems = [f"{k} missing" for k in sorted(set(want) - set(have))]
+    problems += [
+        f"{k} is {have[k]}, the model's is {want[k]}" for k in sorted(want) if k in have and have[k] != want[k]
+    ]
+    problems += [f"{k} is not in the model" for k in sorted(set(have) - set(want))]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ConfigError(
+            f"train.init_from={cfg.train.init_from!r}: {path} does not fit this config's model.*: "
+            f"{'; '.join(problems[:3])}{more}. Pass the model.* options it was trained with, or "
+            "--train.init_from '' to train from scratch"
+        )
+    return str(path)
+
+
+def build_unet(cfg: Config) -> NeighborUNet:
+    """The UNet a run starts from, the same on every rank: built from `model.*` (seeded), the backbone
+    loaded from `train.init_from` if set, the neighbor gates at `train.neighbor_gate_init`."""
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    unet = NeighborUNet.from_model_config(cfg.model, text_encoder_dim(cfg.text.encoder))
+    if t.init_from:
+        state = load_file(init_weights_file(t.init_from))
+        missing, unexpected = unet.load_state_dict(
+            {k: v for k, v in state.items() if not is_neighbor_parameter(k)}, strict=False
+        )
+        assert not unexpected and all(map(is_neighbor_parameter, missing)), (unexpected, missing)  # checked earlier
+    with torch.no_grad():
+        for layer in unet.neighbor_attention.values():
+            layer.gate.fill_(t.neighbor_gate_init)
+    return unet
+
+
+def param_groups(module: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the backbone at `train.lr`, the neighbor layers at `train.lr` times
+    `train.neighbor_lr_scale` (the LR schedule scales both alike); one group when the scale is 1."""
+    if cfg.train.neighbor_lr_scale == 1.0:
+        return [{"params": list(module.parameters()), "lr": cfg.train.lr}]
+    backbone, neighbor = [], []
+    for name, p in module.named_parameters():
+        (neighbor if is_neighbor_parameter(name) else backbone).append(p)
+    lr = cfg.train.lr
+    return [{"params": backbone, "lr": lr}, {"params": neighbor, "lr": lr * cfg.train.neighbor_lr_scale}]
 
 
 # ---------------------------------------------------------------------------- objective

@@ -21,8 +21,6 @@ from typing import Any
 import torch
 
 from neighbor_diffusion.config import Config
-from neighbor_diffusion.model import NeighborUNet
-from neighbor_diffusion.text import text_encoder_dim
 from neighbor_diffusion.training import engine as E
 
 
@@ -56,16 +54,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     log = RunLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"), enabled=rank == 0)
 
     # 1. model, identical on every rank
-    torch.manual_seed(t.seed)
-    unet = NeighborUNet.from_model_config(cfg.model, text_encoder_dim(cfg.text.encoder))
-    objective = E.DiffusionObjective(unet, cfg)
+    objective = E.DiffusionObjective(E.build_unet(cfg), cfg)
     ds_config = E.deepspeed_config(cfg, world, use_gpu)
+    groups = E.param_groups(objective, cfg)
     kwargs: dict[str, Any] = {}
     if "optimizer" not in ds_config:  # a client torch optimizer avoids compiling fused_adam
-        kwargs["optimizer"] = torch.optim.AdamW(objective.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        kwargs["optimizer"] = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     # DeepSpeed steps the LR schedule at each optimizer step and keeps it in its checkpoints
     engine, _, _, _ = deepspeed.initialize(
         model=objective,
+        model_parameters=groups,
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, E.lr_lambda(cfg)),
         **kwargs,
@@ -82,6 +80,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             start_step = E.read_progress(Path(d))["step"]
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {start_step}", flush=True)
+    elif rank == 0 and t.init_from:
+        print(f"[train] backbone from {t.init_from}, neighbor gates at {t.neighbor_gate_init}", flush=True)
     if rank == 0:
         n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.unet.parameters())
         print(

@@ -9,6 +9,7 @@ Re-running with the same `train.run_name` and `train.storage_path` resumes a sto
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -177,6 +178,20 @@ def export_pipeline(cfg: Config, checkpoint_dir: Path, out_dir: Path):
     return pipe
 
 
+def export_backbone(pipeline_dir: Path, out_file: Path, provenance: dict[str, str]) -> Path:
+    """A pipeline's UNet without its neighbor-attention layers -> one safetensors file that
+    `train.init_from` accepts (how the text-only base the cpu preset starts from is made);
+    `provenance` (command, commit, measurements) goes into the file's metadata."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(Path(pipeline_dir) / "unet" / "diffusion_pytorch_model.safetensors")
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    backbone = {k: v for k, v in state.items() if not E.is_neighbor_parameter(k)}
+    save_file(backbone, out_file, metadata={k: str(v) for k, v in provenance.items()})
+    return out_file
+
+
 def check_resumable(cfg: Config, run_dir: Path) -> None:
     """Say when this run name resumes an earlier run, and refuse one whose model differs from `cfg.model`."""
     saved = [E.read_progress(p) for p in sorted(run_dir.glob("checkpoint_*")) if (p / E.PROGRESS_FILE).is_file()]
@@ -186,9 +201,12 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     old = last["config"]["model"]
     now = json.loads(json.dumps(cfg.to_dict()["model"]))  # tuples as the JSON lists of progress.json
     changed = [f"model.{k}" for k, v in now.items() if old.get(k) != v]
+    old_scale = last["config"]["train"].get("neighbor_lr_scale", 1.0)
+    if (old_scale == 1.0) != (cfg.train.neighbor_lr_scale == 1.0):  # one optimizer parameter group or two
+        changed.append(f"train.neighbor_lr_scale ({old_scale} there)")
     if changed:
         raise ValueError(
-            f"{run_dir} holds checkpoints of another model ({', '.join(changed)} differ): pass a new "
+            f"{run_dir} holds checkpoints of another model or optimizer ({', '.join(changed)} differ): pass a new "
             f"--train.run_name, or delete that folder to train from scratch"
         )
     finished = last["step"] >= cfg.train.steps
@@ -207,6 +225,8 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
 def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "candidate") -> TrainOutcome:
     import mlflow
 
+    if cfg.train.init_from:  # checked here, not in every worker; workers load it by absolute path
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=E.check_init_from(cfg)))
     start_ray(cfg)
     root = storage_root(cfg)
     run_dir = None if "://" in root else Path(root) / cfg.train.run_name
