@@ -5,9 +5,12 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 PRESET ?= cpu
 MODEL  ?= models:/neighbor-diffusion@candidate
-# `make demo STEPS=2000` trains longer than the preset's steps, as its own run (runs/neighbor-diffusion-2000)
+# `make demo STEPS=3000` trains longer than the preset's steps, as its own run (runs/neighbor-diffusion-3000)
 STEPS  ?=
-RUN    := neighbor-diffusion$(if $(STEPS),-$(STEPS))
+# `make demo BASE=1` starts from the text-only base that `make base` trains (runs/neighbor-diffusion-from-base)
+BASE   ?=
+BASE_FILE := runs/cpu-text-base/backbone.safetensors
+RUN    := neighbor-diffusion$(if $(STEPS),-$(STEPS))$(if $(BASE),-from-base)
 SERVE_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -31,19 +34,21 @@ setup: $(BIN)/.installed
 # The main job end to end: subject-world crawl -> mined clusters -> training -> registered model
 # -> the neighbor model's benchmark numbers beside the text-only baseline's.
 demo: setup
+	$(if $(BASE),@test -f $(BASE_FILE) || { echo "make demo BASE=1: no $(BASE_FILE); run make base first"; exit 1; })
 	$(PY) jobs/prepare_data.py --preset $(PRESET)
-	$(PY) jobs/train.py --preset $(PRESET) --train.run_name $(RUN) $(if $(STEPS),--train.steps $(STEPS) --train.sample_every 1000)
+	$(PY) jobs/train.py --preset $(PRESET) --train.run_name $(RUN) $(if $(STEPS),--train.steps $(STEPS) --train.sample_every 1000) \
+		$(if $(BASE),--train.init_from $(BASE_FILE) --train.neighbor_gate_init 1.0 --train.neighbor_lr_scale 5)
 	$(PY) jobs/evaluate.py --model runs/$(RUN)/pipeline --quick
 
-# The text-only base the `cpu` preset starts from, trained from scratch (~60 minutes on 2 cores): neighbors
-# dropped in every example, so only the text-to-image backbone learns. It rewrites the file shipped in the
-# package (platform/neighbor_diffusion/weights/cpu_text_base.safetensors, which `make demo` uses).
-BASE_FLAGS := --train.init_from '' --train.steps 6000 --train.sample_every 2000 --train.checkpoint_every 1000 \
+# The text-only base for `make demo BASE=1` (~60 minutes on 2 cores): the `cpu` preset with the neighbors
+# dropped in every example, so only the text-to-image backbone learns; its EMA UNet without the neighbor
+# layers goes to $(BASE_FILE), with the command and commit in the file's metadata.
+BASE_FLAGS := --train.steps 6000 --train.sample_every 2000 --train.checkpoint_every 1000 \
 	--diffusion.p_drop_text 0.0 --diffusion.p_drop_neighbors 0.9 --diffusion.p_drop_both 0.1
 base: setup
 	$(PY) jobs/prepare_data.py --preset cpu
 	$(PY) jobs/train.py --preset cpu --train.run_name cpu-text-base $(BASE_FLAGS) --no-register \
-		--export-backbone platform/neighbor_diffusion/weights/cpu_text_base.safetensors
+		--export-backbone $(BASE_FILE)
 
 test: setup
 	$(BIN)/pytest -q

@@ -15,7 +15,6 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -500,8 +499,6 @@ def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
 
 # ---------------------------------------------------------------------------- presets
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"  # trained weights shipped with the package
-
 
 def debug() -> Config:
     """Unit tests and smoke tests: seconds on a CPU."""
@@ -511,11 +508,12 @@ def debug() -> Config:
 def cpu() -> Config:
     """The embedded-default demo: learns subjects in minutes on 2 CPU cores, 32x32 pixels.
 
-    It starts from the text-only base shipped in the package (`make base`: this preset for
-    6000 steps with the neighbors always dropped, held-out x0 error near pure noise 0.048
-    against 0.032 possible from the prompt) and trains the neighbor layers with it, gates
-    open and at 5x the learning rate. Issue #4, 2 cores: held-out identity ratio 0.88 after
-    these 700 steps; from scratch the same 700 steps give 1.00, and 3000 steps 0.88.
+    From scratch by default. `make base` then `make demo BASE=1` is the Re-Imagen / SuTI
+    recipe instead: a text-only base (this preset, 6000 steps, neighbors always dropped;
+    held-out x0 error near pure noise 0.048, 0.032 possible from the prompt), then these 700
+    steps from it with the neighbor gates open (train.neighbor_gate_init 1) at 5x the
+    learning rate (train.neighbor_lr_scale 5). Issue #4, 2 cores: held-out identity ratio
+    0.88 after those 700 steps, against 1.00 after 700 from scratch and 0.88 after 3000.
 
     Attention (text and neighbors) at the 16x16 level only, and a narrow 8x8 level: the same
     step time on 2 cores as attention at 8x8 with 128 channels there, but the held-out
@@ -539,9 +537,6 @@ def cpu() -> Config:
         diffusion=DiffusionConfig(num_inference_steps=25, prediction_type="v_prediction"),
         data=DataConfig(num_subjects=48, num_heldout_subjects=8, num_pages=400),
         train=TrainConfig(
-            init_from=str(SHIPPED_WEIGHTS / "cpu_text_base.safetensors"),
-            neighbor_gate_init=1.0,
-            neighbor_lr_scale=5.0,
             steps=700,
             batch_size=16,
             lr=1e-3,
