@@ -184,7 +184,7 @@ def export_backbone(pipeline_dir: Path, out_file: Path, provenance: dict[str, st
     `provenance` (command, commit, measurements) goes into the file's metadata."""
     from safetensors.torch import load_file, save_file
 
-    state = load_file(Path(pipeline_dir) / "unet" / "diffusion_pytorch_model.safetensors")
+    state = load_file(E.init_weights_file(str(pipeline_dir)))  # the pipeline's UNet file, as init_from finds it
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     backbone = {k: v for k, v in state.items() if not E.is_neighbor_parameter(k)}
@@ -225,8 +225,8 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
 def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "candidate") -> TrainOutcome:
     import mlflow
 
-    if cfg.train.init_from:  # checked here, not in every worker; workers load it by absolute path
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=E.check_init_from(cfg)))
+    # train.init_from is checked here, not in every worker; workers load it by absolute path
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=E.check_init_from(cfg)))
     start_ray(cfg)
     root = storage_root(cfg)
     run_dir = None if "://" in root else Path(root) / cfg.train.run_name
