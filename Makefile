@@ -11,6 +11,10 @@ STEPS  ?=
 BASE   ?=
 BASE_FILE := runs/cpu-text-base/backbone.safetensors
 RUN    := neighbor-diffusion$(if $(STEPS),-$(STEPS))$(if $(BASE),-from-base)
+# From the base: neighbor gates open, neighbor layers at 5x the learning rate, and the noisiest 10% of
+# timesteps (where only the neighbors know the subject's colours) drawn 5x as often
+FROM_BASE_FLAGS := --train.init_from $(BASE_FILE) --train.neighbor_gate_init 1.0 --train.neighbor_lr_scale 5 \
+	--diffusion.timestep_bias_portion 0.1 --diffusion.timestep_bias_multiplier 5
 SERVE_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -37,7 +41,7 @@ demo: setup
 	$(if $(BASE),@test -f $(BASE_FILE) || { echo "make demo BASE=1: no $(BASE_FILE); run make base first"; exit 1; })
 	$(PY) jobs/prepare_data.py --preset $(PRESET)
 	$(PY) jobs/train.py --preset $(PRESET) --train.run_name $(RUN) $(if $(STEPS),--train.steps $(STEPS) --train.sample_every 1000) \
-		$(if $(BASE),--train.init_from $(BASE_FILE) --train.neighbor_gate_init 1.0 --train.neighbor_lr_scale 5)
+		$(if $(BASE),$(FROM_BASE_FLAGS))
 	$(PY) jobs/evaluate.py --model runs/$(RUN)/pipeline --quick
 
 # The text-only base for `make demo BASE=1` (~60 minutes on 2 cores): the `cpu` preset with the neighbors

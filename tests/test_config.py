@@ -50,6 +50,8 @@ def test_cli_overrides_any_field():
         ({"diffusion.p_drop_text": "0.6", "diffusion.p_drop_neighbors": "0.6"}, "diffusion.p_drop_*"),
         ({"diffusion.sampler": "euler"}, "diffusion.sampler"),
         ({"diffusion.interleave_ratio": "1.5"}, "diffusion.interleave_ratio"),
+        ({"diffusion.timestep_bias_portion": "1.5"}, "diffusion.timestep_bias_portion"),
+        ({"diffusion.timestep_bias_multiplier": "0"}, "diffusion.timestep_bias_multiplier"),
         ({"train.zero_stage": "4"}, "train.zero_stage"),
         ({"train.offload": "true"}, "train.offload"),
         ({"train.lr": "fast"}, "train.lr"),

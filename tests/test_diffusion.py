@@ -27,6 +27,18 @@ def test_condition_dropout_frequencies(cfg):
     assert abs((dt & dn).float().mean() - d.p_drop_both) < 0.01
 
 
+def test_timestep_bias_frequencies(cfg):
+    g = torch.Generator().manual_seed(0)
+    uniform = D.sample_timesteps(200_000, cfg.diffusion, g)
+    assert uniform.min() == 0 and uniform.max() == cfg.diffusion.num_train_timesteps - 1
+    assert abs((uniform >= 900).float().mean() - 0.1) < 0.01
+    biased = dataclasses.replace(cfg.diffusion, timestep_bias_portion=0.1, timestep_bias_multiplier=5.0)
+    t = D.sample_timesteps(200_000, biased, g)
+    assert t.min() == 0 and t.max() == cfg.diffusion.num_train_timesteps - 1
+    assert abs((t >= 900).float().mean() - 0.5 / 1.4) < 0.01  # 0.1 x 5 against 0.9 x 1
+    assert abs((t < 450).float().mean() - 0.45 / 1.4) < 0.01  # uniform below the biased portion
+
+
 def test_loss_uses_injected_noise_and_dropped_conditions(cfg, model):
     b = random_batch(cfg)
     sched = D.train_scheduler(cfg.diffusion)

@@ -111,6 +111,23 @@ def thresholded_output(
 # ---------------------------------------------------------------------------- training
 
 
+def timestep_weights(cfg: DiffusionConfig) -> torch.Tensor:
+    """Relative probability of each training timestep: 1, and `timestep_bias_multiplier` for the noisiest
+    `timestep_bias_portion` of them (diffusers' "later" timestep bias)."""
+    weights = torch.ones(cfg.num_train_timesteps)
+    n = int(cfg.timestep_bias_portion * cfg.num_train_timesteps)
+    if n:
+        weights[-n:] *= cfg.timestep_bias_multiplier
+    return weights
+
+
+def sample_timesteps(batch_size: int, cfg: DiffusionConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) training timesteps: uniform, or biased to the noisiest steps (`timestep_weights`)."""
+    if not cfg.timestep_bias_portion or cfg.timestep_bias_multiplier == 1:
+        return torch.randint(0, cfg.num_train_timesteps, (batch_size,), generator=generator)
+    return torch.multinomial(timestep_weights(cfg), batch_size, replacement=True, generator=generator)
+
+
 def condition_dropout(
     batch_size: int, cfg: DiffusionConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +153,7 @@ def training_losses(
     x0 = batch["image"]
     B, device = x0.shape[0], x0.device
     if t is None:
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)
+        t = sample_timesteps(B, cfg, generator).to(device)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
     if drop is None:
