@@ -111,21 +111,15 @@ def thresholded_output(
 # ---------------------------------------------------------------------------- training
 
 
-def timestep_weights(cfg: DiffusionConfig) -> torch.Tensor:
-    """Relative probability of each training timestep: 1, and `timestep_bias_multiplier` for the noisiest
-    `timestep_bias_portion` of them (diffusers' "later" timestep bias)."""
-    weights = torch.ones(cfg.num_train_timesteps)
-    n = int(cfg.timestep_bias_portion * cfg.num_train_timesteps)
-    if n:
-        weights[-n:] *= cfg.timestep_bias_multiplier
-    return weights
-
-
 def sample_timesteps(batch_size: int, cfg: DiffusionConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B,) training timesteps: uniform, or biased to the noisiest steps (`timestep_weights`)."""
-    if not cfg.timestep_bias_portion or cfg.timestep_bias_multiplier == 1:
+    """(B,) training timesteps: uniform, or with the noisiest `timestep_bias_portion` of them
+    `timestep_bias_multiplier` times as likely as the rest (diffusers' "later" timestep bias)."""
+    n = int(cfg.timestep_bias_portion * cfg.num_train_timesteps)
+    if not n or cfg.timestep_bias_multiplier == 1:
         return torch.randint(0, cfg.num_train_timesteps, (batch_size,), generator=generator)
-    return torch.multinomial(timestep_weights(cfg), batch_size, replacement=True, generator=generator)
+    weights = torch.ones(cfg.num_train_timesteps)
+    weights[-n:] = cfg.timestep_bias_multiplier
+    return torch.multinomial(weights, batch_size, replacement=True, generator=generator)
 
 
 def condition_dropout(
