@@ -148,12 +148,11 @@ def build_unet(cfg: Config) -> NeighborUNet:
     t = cfg.train
     torch.manual_seed(t.seed)
     unet = NeighborUNet.from_model_config(cfg.model, text_encoder_dim(cfg.text.encoder))
-    if t.init_from:
+    if t.init_from:  # (its names and shapes were checked in the driver: check_init_from)
         state = load_file(init_weights_file(t.init_from))
-        missing, unexpected = unet.load_state_dict(
-            {k: v for k, v in state.items() if not is_neighbor_parameter(k)}, strict=False
+        unet.load_text_to_image_weights(
+            {k.removeprefix("unet."): v for k, v in state.items() if not is_neighbor_parameter(k)}
         )
-        assert not unexpected and all(map(is_neighbor_parameter, missing)), (unexpected, missing)  # checked earlier
     with torch.no_grad():
         for layer in unet.neighbor_attention.values():
             layer.gate.fill_(t.neighbor_gate_init)
