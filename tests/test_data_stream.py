@@ -14,13 +14,14 @@ from neighbor_diffusion.data import stream
 from neighbor_diffusion.data.images import encode_png
 from neighbor_diffusion.data.mining import CLUSTER_SCHEMA
 from neighbor_diffusion.diffusion import BATCH_KEYS
+from neighbor_diffusion.training.trainer import ingest_config
 
 S, T, D = 32, 32, 32  # debug preset: image_size, text.max_length, tiny encoder width
 
 
-def make_cluster(cid: str, n: int, base: int, captions=None) -> dict:
+def make_cluster(cid: str, n: int, base: int, captions=None, size: int = S) -> dict:
     """Member i is a flat image of value base+i (so it can be told apart) with text states filled with base+i."""
-    images = [encode_png(Image.new("RGB", (S, S), (base + i, 0, 0))) for i in range(n)]
+    images = [encode_png(Image.new("RGB", (size, size), (base + i, 0, 0))) for i in range(n)]
     states = np.stack([np.full((T, D), base + i, np.float16) for i in range(n)])
     mask = np.zeros((n, T), np.uint8)
     mask[:, :5] = 1
@@ -118,9 +119,12 @@ def test_training_dataset_on_ray(tmp_path, monkeypatch):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
 
-        def run(seed, per_task=512):
+        def run(seed, per_task=512, root=tmp_path, epochs=3, via_train=False):
             targets, batch = [], None
-            dataset = stream.training_dataset(str(tmp_path), cfg, seed=seed, num_epochs=3, examples_per_task=per_task)
+            dataset = stream.training_dataset(str(root), cfg, seed=seed, num_epochs=epochs, examples_per_task=per_task)
+            if via_train:  # as a Ray Train worker reads it: split for one worker with the trainer's DataConfig
+                workers = ingest_config().configure({"train": dataset}, 1, worker_handles=None, worker_node_ids=None)
+                dataset = workers[0]["train"]
             for batch in dataset.iter_torch_batches(batch_size=5):
                 targets += [int(round(float(t))) for t in batch["text_states"][:, 0, 0]]
                 for example in range(len(batch["image"])):  # neighbors from the target's own cluster
@@ -130,6 +134,15 @@ def test_training_dataset_on_ray(tmp_path, monkeypatch):
 
         first, batch = run(0)
         again, _ = run(0, per_task=5)  # examples split over tasks differently: the same examples
+        # ... and as Ray Train hands it to a worker (trainer.ingest_config), over clusters of which every other
+        # one is slow to decode (large images), three examples per task: the tasks are ready out of order
+        # (with Ray Train's default DataConfig this run's order differed from `in_order` 5 times in 5 here)
+        slow = tmp_path / "slow"
+        slow.mkdir()
+        mixed = [make_cluster(f"s{i:02d}", n=3, base=10 * i, size=3072 if i % 2 else S) for i in range(12)]
+        pq.write_table(pa.Table.from_pylist(mixed, schema=CLUSTER_SCHEMA), slow / "a.parquet")
+        in_order, _ = run(0, per_task=1, root=slow, epochs=2)
+        trained, _ = run(0, per_task=3, root=slow, epochs=2, via_train=True)
         other, _ = run(1)
         left_in_context = ray.data.DataContext.get_current().custom_execution_callback_classes
     finally:
@@ -140,6 +153,7 @@ def test_training_dataset_on_ray(tmp_path, monkeypatch):
     assert stream._PacedScheduling not in left_in_context  # ... and other datasets are left alone
     assert set(batch) == set(BATCH_KEYS) and batch["neighbor_images"].shape[1:] == (cfg.model.max_neighbors, 3, S, S)
     assert first == again and first != other  # deterministic given the seed
+    assert trained == in_order
     epochs = [[t // 10 for t in first[e * 12 : (e + 1) * 12]] for e in range(3)]  # (member i of cluster c: 10c + i)
     assert len(first) == 3 * len(clusters) and all(sorted(e) == list(range(12)) for e in epochs)  # each cluster once
     assert len({tuple(e) for e in epochs}) == 3  # in a new order each epoch
