@@ -6,6 +6,7 @@ per module, and take a minute or two each.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,21 @@ def test_rerun_of_a_killed_job_continues_from_its_checkpoint(debug_data, tmp_pat
     assert resumed >= reached > 0
     assert f"steps {resumed}->12" in out and "steps 0->12" not in out, out[-3000:]
     assert _latest_step(tmp_path / "runs" / "rerun") == 12
+    # ... and continues as if never stopped: same data position, noise and optimizer state, so the losses
+    # it logs after the resume are those of a run that was not stopped
+    ref = subprocess.run(
+        _train_cmd(debug_data, tmp_path / "runs", "uninterrupted", 12), cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    after = {s: v for s, v in _logged_losses(out).items() if s > resumed}
+    assert after and after == {s: v for s, v in _logged_losses(ref.stdout + ref.stderr).items() if s > resumed}
+
+
+def _logged_losses(log: str) -> dict[int, str]:
+    """{step: loss as logged} from the job log's "[train] step N/M loss X" lines."""
+    found = re.findall(r"\[train\] step (\d+)/\d+ loss (\S+)", log)
+    return {int(step): loss for step, loss in found}
 
 
 def _free_port() -> int:
