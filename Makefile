@@ -19,9 +19,6 @@ SERVE_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
-# OpenMP threads sleep instead of spinning when they wait: with torch, Ray Data and the
-# ingress sharing 2 cores, spinning threads made a training step 8x slower (25 s vs 3 s).
-export OMP_WAIT_POLICY := PASSIVE
 export PYTHONPATH := $(CURDIR)/platform:$(CURDIR)
 
 .PHONY: setup demo base test test-all lint bench serve serve-loadtest mlflow-ui clean

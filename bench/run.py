@@ -31,8 +31,6 @@ if not __package__:
     sys.path[:] = [str(ROOT), str(ROOT / "platform")] + [
         p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
     ]
-# Before torch loads: OpenMP threads sleep when idle (spinning ones slow everything beside them on a few cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
