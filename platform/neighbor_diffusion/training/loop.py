@@ -12,6 +12,7 @@ the number of batches consumed, so a resumed run continues where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -36,6 +37,15 @@ def _batches(shard, batch_size: int, skip: int, device: torch.device):
         epoch += 1
 
 
+def _quiet_report_log() -> None:
+    """Ray Train V2 logs every `ray.train.report` at INFO, metrics and all (half the job's log, as our own
+    progress line says the same). Its logger is named after its file path, not under `ray.train`, so
+    `LoggingConfig` does not reach it: set that logger's level here, in the worker."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
@@ -45,6 +55,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = Config.from_dict(loop_config["config"])
     t = cfg.train
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
