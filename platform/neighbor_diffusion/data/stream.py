@@ -177,9 +177,9 @@ def training_dataset(shard_dir: str, cfg: Config, seed: int, num_epochs: int, ex
         raise ValueError(f"num_epochs={num_epochs}: must be >= 1")
     files = [str(f) for f in shard_files(shard_dir)]
     # Same seed, same order: the cluster rows must keep the files' order, and the examples their
-    # numbers' order. Datasets copy the current DataContext when they are created (and their executors
-    # read that copy, not `Dataset.context`), so set it for their creation and restore it. Same for
-    # the pacing below.
+    # numbers' order. Datasets copy the current DataContext when they are created, so set it for their
+    # creation and restore it (Ray Train's split replaces the execution options: trainer.ingest_config
+    # keeps the order there). Same for the pacing below.
     context = ray.data.DataContext.get_current()
     saved = context.execution_options.preserve_order, context.custom_execution_callback_classes
     context.execution_options.preserve_order = True
@@ -194,7 +194,6 @@ def training_dataset(shard_dir: str, cfg: Config, seed: int, num_epochs: int, ex
         out = numbers.map_batches(_examples, batch_size=8, fn_kwargs=dict(blocks=blocks, ends=ends, cfg=cfg, seed=seed))
     finally:
         context.execution_options.preserve_order, context.custom_execution_callback_classes = saved
-    out.context.execution_options.preserve_order = True
     return out
 
 
