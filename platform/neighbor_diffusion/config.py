@@ -529,9 +529,10 @@ def cpu() -> Config:
     held-out x0 error near pure noise 0.048, 0.032 possible from the prompt), then these 700
     steps from it with the neighbor gates open (train.neighbor_gate_init 1) at 5x the
     learning rate (train.neighbor_lr_scale 5) and the noisiest 10% of timesteps drawn 5x as
-    often (diffusion.timestep_bias_*). Issue #4, 2 cores: held-out identity ratio 0.85 after
-    those 700 steps (0.89 with uniform timesteps), against 1.00 after 700 from scratch and
-    0.88 after 3000. From scratch the timestep bias changes nothing yet (1.00 at 700).
+    often (diffusion.timestep_bias_*). Issue #4, 2 cores: held-out identity ratio 0.84-0.85
+    after those 700 steps (two bases; 0.89 with uniform timesteps), against 1.00 after 700
+    from scratch and 0.88-0.90 after 3000 (two runs). From scratch the timestep bias changes
+    nothing yet (1.00 at 700).
 
     Attention (text and neighbors) at the 16x16 level only, and a narrow 8x8 level: the same
     step time on 2 cores as attention at 8x8 with 128 channels there, but the held-out
