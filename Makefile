@@ -41,9 +41,9 @@ demo: setup
 		$(if $(BASE),$(FROM_BASE_FLAGS))
 	$(PY) jobs/evaluate.py --model runs/$(RUN)/pipeline --quick
 
-# The text-only base for `make demo BASE=1` (39 minutes on 2 cores from a fresh clone): the `cpu` preset with the neighbors
-# dropped in every example, so only the text-to-image backbone learns; its EMA UNet without the neighbor
-# layers goes to $(BASE_FILE), with the command and commit in the file's metadata.
+# The text-only base for `make demo BASE=1` (39 minutes on 2 cores from a fresh clone): the `cpu` preset
+# with the neighbors dropped in every example, so only the text-to-image backbone learns; its EMA UNet
+# without the neighbor layers goes to $(BASE_FILE), with the command and commit in the file's metadata.
 BASE_FLAGS := --train.steps 6000 --train.sample_every 2000 --train.checkpoint_every 1000 \
 	--diffusion.p_drop_text 0.0 --diffusion.p_drop_neighbors 0.9 --diffusion.p_drop_both 0.1
 base: setup
