@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,8 +170,10 @@ def test_init_from_loads_the_backbone_and_starts_the_neighbor_layers_fresh(cfg, 
     fresh = E.build_unet(cfg).state_dict()
     for init_from in (str(file), str(tmp_path / "pipe")):  # the file, or the pipeline folder holding it
         run = _train_cfg(cfg, init_from=init_from, neighbor_gate_init=0.5)
-        assert E.check_init_from(run) == str(file.resolve())
+        assert E.check_init_from(run) == file.resolve()
+        from_bytes = _train_cfg(cfg, neighbor_gate_init=0.5)  # as a worker gets it: the file's bytes
         got = E.build_unet(run).state_dict()
+        assert all(torch.equal(v, got[k]) for k, v in E.build_unet(from_bytes, file.read_bytes()).state_dict().items())
         for k, v in got.items():
             if not E.is_neighbor_parameter(k):
                 assert torch.equal(v, base.state_dict()[k]), k
@@ -245,8 +248,6 @@ def test_zero_stage_trains_checkpoints_and_registers(zero_runs, stage):
     assert len(losses) == cfg.train.steps and all(map(lambda v: v == v and v < 10, losses))
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     # checkpoint: DeepSpeed state of both ranks, EMA weights, progress
-    from pathlib import Path
-
     ckpt = Path(out.checkpoint_path)
     assert (ckpt / E.EMA_FILE).is_file() and json.loads((ckpt / E.PROGRESS_FILE).read_text())["step"] == 8
     files = {p.name for p in (ckpt / E.ENGINE_TAG).iterdir()}
@@ -309,26 +310,42 @@ def test_registered_model_loads_as_a_pipeline(zero_runs):
 
 
 def test_a_run_from_a_base_keeps_its_backbone_and_trains_the_neighbor_layers_at_their_lr(
-    zero_runs, local_ray, tmp_path
+    zero_runs, local_ray, tmp_path, monkeypatch
 ):
-    """ZeRO-3 on 2 workers from the stage-0 run's backbone (exported as `make base` does): the backbone's lr
-    is ~0 and the neighbor layers' 1e6 times it, so the export keeps the base's backbone and has moved the
-    neighbor layers."""
+    """ZeRO-3 on 2 workers from the stage-0 run's backbone (exported as `make base` does), a file the driver
+    removes right after reading it, so that the workers can only have the weights from Ray's object store (as
+    on nodes that do not share the driver's disk). The backbone's lr is ~0 and the neighbor layers' 1e6 times
+    it, so the export keeps the base's backbone and has moved the neighbor layers. Also: a models:/ URI is
+    recorded as given and its download removed."""
+    import tempfile
+
+    from mlflow import MlflowClient
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from neighbor_diffusion.training import trainer
 
-    base_dir = zero_runs[0][1].pipeline_dir
+    base_cfg, base_out = zero_runs[0]
+    base_dir = base_out.pipeline_dir
     backbone = trainer.export_backbone(base_dir, tmp_path / "base.safetensors", {"command": "make base"})
     with safe_open(str(backbone), "pt") as f:
         assert f.metadata() == {"command": "make base"} and not any(map(E.is_neighbor_parameter, f.keys()))
+
+    (version,) = MlflowClient().search_model_versions(f"run_id='{base_out.run_id}'")
+    uri = f"models:/{base_cfg.train.registered_model}/{version.version}"
+    downloads = set(Path(tempfile.gettempdir()).glob("init-from-*"))
+    unet_file = "unet/diffusion_pytorch_model.safetensors"
+    assert E.read_init_from(_cfg(tmp_path, init_from=uri)) == (uri, (base_dir / unet_file).read_bytes())
+    assert set(Path(tempfile.gettempdir()).glob("init-from-*")) == downloads
+
+    read = E.read_init_from
+    monkeypatch.setattr(E, "read_init_from", lambda cfg: (read(cfg), backbone.unlink())[0])
     run = dict(lr=1e-9, warmup_steps=0, neighbor_lr_scale=1e6, neighbor_gate_init=0.5)
     cfg = _cfg(
         tmp_path, zero_stage=3, run_name="from-base", steps=3, checkpoint_every=3, init_from=str(backbone), **run
     )
     out = trainer.train(cfg, {"train": local_ray.data.from_items(synthetic_rows(cfg, n=64))}, register=False)
-    unet_file = "unet/diffusion_pytorch_model.safetensors"
+    assert not backbone.exists()
     base, got = load_file(base_dir / unet_file), load_file(out.pipeline_dir / unet_file)
     fresh = E.build_unet(
         cfg.__class__.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "init_from": ""}})

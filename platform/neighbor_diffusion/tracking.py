@@ -80,13 +80,14 @@ def register_pipeline(
     return version
 
 
-def resolve_pipeline_dir(uri: str) -> Path:
-    """A local pipeline folder, or `models:/<name>@<alias>` / `models:/<name>/<version>` from the registry."""
+def resolve_pipeline_dir(uri: str, download_dir: str | None = None) -> Path:
+    """A local pipeline folder, or `models:/<name>@<alias>` / `models:/<name>/<version>` from the registry
+    (downloaded into `download_dir`, or else a new temporary folder)."""
     if uri.startswith("models:/") or uri.startswith("runs:/"):
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri())
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir))
     path = Path(uri)
     if not path.is_dir():
         raise FileNotFoundError(f"model_uri={uri!r}: neither a models:/ URI nor an existing folder")

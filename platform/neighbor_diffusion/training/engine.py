@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -93,12 +95,13 @@ def is_neighbor_parameter(name: str) -> bool:
     return name.removeprefix("unet.").startswith(NEIGHBOR_PREFIX)
 
 
-def init_weights_file(init_from: str) -> Path:
-    """`train.init_from` -> the UNet safetensors file it names: that file, a pipeline folder or a models:/ URI."""
+def init_weights_file(init_from: str, download_dir: str | None = None) -> Path:
+    """`train.init_from` -> the UNet safetensors file it names: that file, a pipeline folder or a models:/ URI
+    (downloaded into `download_dir`, or else a new temporary folder)."""
     if init_from.startswith(("models:/", "runs:/")):
         from neighbor_diffusion.tracking import resolve_pipeline_dir
 
-        path = resolve_pipeline_dir(init_from)
+        path = resolve_pipeline_dir(init_from, download_dir)
     else:
         path = Path(init_from).expanduser()
     if path.is_dir():
@@ -111,14 +114,14 @@ def init_weights_file(init_from: str) -> Path:
     return path.resolve()
 
 
-def check_init_from(cfg: Config) -> str:
+def check_init_from(cfg: Config, download_dir: str | None = None) -> Path | None:
     """Check `train.init_from` against `model.*` before any worker starts (names, shapes, from the
-    file's header and a model built on the meta device); returns the absolute path workers load."""
+    file's header and a model built on the meta device); returns the file's absolute path."""
     if not cfg.train.init_from:
-        return ""
+        return None
     from safetensors import safe_open
 
-    path = init_weights_file(cfg.train.init_from)
+    path = init_weights_file(cfg.train.init_from, download_dir)
     try:
         with safe_open(str(path), "pt") as f:
             have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if not is_neighbor_parameter(k)}
@@ -139,17 +142,35 @@ def check_init_from(cfg: Config) -> str:
             f"{'; '.join(problems[:3])}{more}. Pass the model.* options it was trained with, or "
             "--train.init_from '' to train from scratch"
         )
-    return str(path)
+    return path
 
 
-def build_unet(cfg: Config) -> NeighborUNet:
+def read_init_from(cfg: Config) -> tuple[str, bytes]:
+    """`train.init_from` checked (`check_init_from`) and read, in the driver: (what the run records as its
+    init_from: a file's absolute path, or the URI as given; the safetensors file's bytes). The driver puts
+    the bytes in Ray's object store, so that workers on every node start from the same weights without a
+    shared file system; a models:/ URI is downloaded once, into a temporary folder removed here."""
+    if not cfg.train.init_from:
+        return "", b""
+    with tempfile.TemporaryDirectory(prefix="init-from-") as tmp:
+        path = check_init_from(cfg, tmp)
+        uri = cfg.train.init_from.startswith(("models:/", "runs:/"))
+        return (cfg.train.init_from if uri else str(path)), path.read_bytes()
+
+
+def build_unet(cfg: Config, init_weights: bytes | None = None) -> NeighborUNet:
     """The UNet a run starts from, the same on every rank: built from `model.*` (seeded), the backbone
-    loaded from `train.init_from` if set, the neighbor gates at `train.neighbor_gate_init`."""
+    loaded from `init_weights` (a safetensors file's bytes: `read_init_from`) or else from
+    `train.init_from` if set, the neighbor gates at `train.neighbor_gate_init`."""
     t = cfg.train
     torch.manual_seed(t.seed)
     unet = NeighborUNet.from_model_config(cfg.model, text_encoder_dim(cfg.text.encoder))
-    if t.init_from:  # (its names and shapes were checked in the driver: check_init_from)
+    state = None  # (the names and shapes of init_from were checked in the driver: check_init_from)
+    if init_weights:
+        state = safetensors.torch.load(init_weights)
+    elif t.init_from:
         state = load_file(init_weights_file(t.init_from))
+    if state is not None:
         unet.load_text_to_image_weights(
             {k.removeprefix("unet."): v for k, v in state.items() if not is_neighbor_parameter(k)}
         )

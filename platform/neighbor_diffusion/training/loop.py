@@ -65,7 +65,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     log = RunLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"), enabled=rank == 0)
 
     # 1. model, identical on every rank
-    objective = E.DiffusionObjective(E.build_unet(cfg), cfg)
+    init = loop_config.get("init_weights")  # train.init_from's file, from the object store (trainer.train)
+    objective = E.DiffusionObjective(E.build_unet(cfg, ray.get(init) if init is not None else None), cfg)
     ds_config = E.deepspeed_config(cfg, world, use_gpu)
     groups = E.param_groups(objective, cfg)
     kwargs: dict[str, Any] = {}

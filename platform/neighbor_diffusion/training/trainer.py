@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from neighbor_diffusion import tracking
 from neighbor_diffusion.config import Config
@@ -100,7 +101,8 @@ def _mlflow_run(cfg: Config, run_dir: Path | None) -> str:
     return run.info.run_id
 
 
-def build_trainer(cfg: Config, datasets: dict, run_id: str | None):
+def build_trainer(cfg: Config, datasets: dict, run_id: str | None, init_weights: Any = None):
+    """The TorchTrainer of a run; `init_weights`: an object ref to the bytes of `train.init_from`'s file."""
     import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
@@ -114,6 +116,7 @@ def build_trainer(cfg: Config, datasets: dict, run_id: str | None):
             "config": cfg.to_dict(),
             "mlflow_run_id": run_id,
             "tracking_uri": mlflow.get_tracking_uri() if run_id else None,
+            "init_weights": init_weights,
         },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
@@ -242,16 +245,19 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
 
 def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "candidate") -> TrainOutcome:
     import mlflow
+    import ray
 
-    # train.init_from is checked here, not in every worker; workers load it by absolute path
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=E.check_init_from(cfg)))
+    # train.init_from is checked and read here, not in every worker: workers get its bytes from the object store
+    init_from, init_weights = E.read_init_from(cfg)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=init_from))
     start_ray(cfg)
     root = storage_root(cfg)
     run_dir = None if "://" in root else Path(root) / cfg.train.run_name
     if run_dir is not None:
         check_resumable(cfg, run_dir)
     run_id = _mlflow_run(cfg, run_dir)
-    result = build_trainer(cfg, datasets, run_id).fit()
+    init_ref = ray.put(init_weights) if init_weights else None
+    result = build_trainer(cfg, datasets, run_id, init_ref).fit()
     if result.error:
         raise result.error
     out_dir = (run_dir or Path("runs") / cfg.train.run_name) / "pipeline"
