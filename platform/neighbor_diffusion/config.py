@@ -525,14 +525,15 @@ def cpu() -> Config:
     """The embedded-default demo: learns subjects in minutes on 2 CPU cores, 32x32 pixels.
 
     From scratch by default. `make base` then `make demo BASE=1` is the Re-Imagen / SuTI
-    recipe instead: a text-only base (this preset, 6000 steps, neighbors always dropped;
-    held-out x0 error near pure noise 0.048, 0.032 possible from the prompt), then these 700
-    steps from it with the neighbor gates open (train.neighbor_gate_init 1) at 5x the
-    learning rate (train.neighbor_lr_scale 5) and the noisiest 10% of timesteps drawn 5x as
-    often (diffusion.timestep_bias_*). Issue #4, 2 cores: held-out identity ratio 0.84-0.85
-    after those 700 steps (two bases; 0.89 with uniform timesteps), against 1.00 after 700
-    from scratch and 0.88-0.90 after 3000 (two runs). From scratch the timestep bias changes
-    nothing yet (1.00 at 700).
+    recipe instead: a text-only base (this preset, 3000 steps, neighbors always dropped, the
+    noisiest 10% of timesteps drawn 5x as often: diffusion.timestep_bias_*; held-out x0 error
+    near pure noise 0.049, 0.032 possible from the prompt), then these 700 steps from it with
+    the neighbor gates open (train.neighbor_gate_init 1) at 5x the learning rate
+    (train.neighbor_lr_scale 5) and the same timestep bias. Issue #4, 2 cores: held-out
+    identity ratio 0.84-0.86 after those 700 steps (four bases: that one, 6000 steps with
+    uniform timesteps twice, 6000 with the bias; 0.89 with uniform timesteps from the base
+    too), against 1.00 after 700 from scratch and 0.88-0.90 after 3000 (two runs). From
+    scratch the timestep bias changes nothing yet (1.00 at 700).
 
     Attention (text and neighbors) at the 16x16 level only, and a narrow 8x8 level: the same
     step time on 2 cores as attention at 8x8 with 128 channels there, but the held-out
