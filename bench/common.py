@@ -358,5 +358,6 @@ def write_summary(results: Path, names: list[str]) -> Path:
             f"CUDA device: {m['cuda_device'] or 'none'}; torch {m['torch']}, ray {m['ray']}, deepspeed {m['deepspeed']}"
         )
     path = results / "SUMMARY.md"
+    results.mkdir(parents=True, exist_ok=True)  # a run whose every benchmark failed has written nothing yet
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -137,7 +137,10 @@ def measure(
                     steps[v]()
             except Exception as e:  # noqa: BLE001 - a variant that fails is reported, not fatal
                 out.setdefault("failed", {})[v] = f"{type(e).__name__}: {str(e)[:500]}"
+                print(f"variant {v} failed: {out['failed'][v]}", flush=True)
                 steps.pop(v, None)
+        if not steps:  # every variant failed: report why, time nothing
+            return {**out, "step_s": {}}
         if "eager" in steps:
             out["flops_per_step"] = steps["eager"].count_flops()
         fns = {v: (lambda s=s: [s() for _ in range(steps_per_call)]) for v, s in steps.items()}

@@ -73,6 +73,24 @@ def test_mfu_measurement_runs_on_cpu():
     assert peak_flops("some new GPU") is None and peak_flops("some new GPU", 100) == 100e12
 
 
+def test_mfu_reports_variants_that_fail_and_the_summary_makes_its_folder(tmp_path, monkeypatch, capsys):
+    """On a GPU machine without the text encoder's package every variant failed to build, and the benchmark
+    died in its timing (ZeroDivisionError) and then in SUMMARY.md (no results folder) instead of saying why."""
+    from bench import gpu
+    from bench.common import write_summary
+    from neighbor_diffusion.config import debug
+
+    def broken(cfg, variant, use_gpu):
+        raise ImportError(f"no package for {variant}")
+
+    monkeypatch.setattr(gpu, "TrainStep", broken)
+    m = gpu.measure(debug(), ("eager", "compile"), steps_per_call=1, repeats=1, warmup=1, use_gpu=False)
+    assert m["step_s"] == {} and set(m["failed"]) == {"eager", "compile"}
+    assert "ImportError: no package for eager" in m["failed"]["eager"]
+    assert "variant compile failed: ImportError: no package for compile" in capsys.readouterr().out
+    assert write_summary(tmp_path / "new" / "results", ["gpu_mfu"]).is_file()
+
+
 def test_unknown_benchmark_is_refused():
     from bench.run import main
 

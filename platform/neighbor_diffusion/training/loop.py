@@ -133,7 +133,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         done = step + 1
         metrics: dict[str, float] = {}
         if done % t.log_every == 0 or done == t.steps or done % t.checkpoint_every == 0:
-            loss_t = torch.tensor(window["loss"] / window["n"])
+            # on the engine's device: NCCL (the GPU backend) reduces only CUDA tensors
+            loss_t = torch.tensor(window["loss"] / window["n"], device=engine.device)
             torch.distributed.all_reduce(loss_t)  # mean over ranks, for the log only
             metrics = {
                 "loss": loss_t.item() / world,
