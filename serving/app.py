@@ -47,6 +47,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from neighbor_diffusion.config import Config, ServeConfig, add_cli_arguments, from_cli_args, override, preset
+from neighbor_diffusion.tracking import is_registry_uri
 from serving.batching import Batcher
 from serving.schema import MAX_SEED, GenerationJob, Limits, describe, errors_of, request_model, to_job
 
@@ -443,7 +444,7 @@ def prefers_png(accept: str) -> bool:
 
 
 def model_id(uri: str) -> str:
-    if uri.startswith(("models:/", "runs:/")):
+    if is_registry_uri(uri):
         return uri.split(":/", 1)[1].strip("/")
     path = Path(uri)
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
@@ -519,7 +520,7 @@ def resolve_serve_config(cfg: ServeConfig) -> tuple[ServeConfig, str | None]:
     """Absolute model paths and tracking URI, so replicas find the model from any working dir."""
     if not cfg.model_uri:
         raise ValueError("serve.model_uri is empty: give a pipeline folder or models:/<name>@<alias>")
-    if cfg.model_uri.startswith(("models:/", "runs:/")):
+    if is_registry_uri(cfg.model_uri):
         from neighbor_diffusion.tracking import tracking_uri
 
         return cfg, tracking_uri()

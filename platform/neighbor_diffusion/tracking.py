@@ -80,10 +80,15 @@ def register_pipeline(
     return version
 
 
+def is_registry_uri(uri: str) -> bool:
+    """`models:/...` or `runs:/...`: MLflow resolves it (against `tracking_uri()`); anything else is a path."""
+    return uri.startswith(("models:/", "runs:/"))
+
+
 def resolve_pipeline_dir(uri: str, download_dir: str | None = None) -> Path:
     """A local pipeline folder, or `models:/<name>@<alias>` / `models:/<name>/<version>` from the registry
     (downloaded into `download_dir`, or else a new temporary folder)."""
-    if uri.startswith("models:/") or uri.startswith("runs:/"):
+    if is_registry_uri(uri):
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri())

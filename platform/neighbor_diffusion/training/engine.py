@@ -23,6 +23,7 @@ from neighbor_diffusion import diffusion
 from neighbor_diffusion.config import Config, ConfigError
 from neighbor_diffusion.model import NeighborUNet
 from neighbor_diffusion.text import text_encoder_dim
+from neighbor_diffusion.tracking import is_registry_uri, resolve_pipeline_dir
 
 ENGINE_TAG = "state"  # DeepSpeed checkpoint tag inside every Ray checkpoint
 EMA_FILE = "ema.safetensors"
@@ -98,9 +99,7 @@ def is_neighbor_parameter(name: str) -> bool:
 def init_weights_file(init_from: str, download_dir: str | None = None) -> Path:
     """`train.init_from` -> the UNet safetensors file it names: that file, a pipeline folder or a models:/ URI
     (downloaded into `download_dir`, or else a new temporary folder)."""
-    if init_from.startswith(("models:/", "runs:/")):
-        from neighbor_diffusion.tracking import resolve_pipeline_dir
-
+    if is_registry_uri(init_from):
         path = resolve_pipeline_dir(init_from, download_dir)
     else:
         path = Path(init_from).expanduser()
@@ -154,8 +153,7 @@ def read_init_from(cfg: Config) -> tuple[str, bytes]:
         return "", b""
     with tempfile.TemporaryDirectory(prefix="init-from-") as tmp:
         path = check_init_from(cfg, tmp)
-        uri = cfg.train.init_from.startswith(("models:/", "runs:/"))
-        return (cfg.train.init_from if uri else str(path)), path.read_bytes()
+        return (cfg.train.init_from if is_registry_uri(cfg.train.init_from) else str(path)), path.read_bytes()
 
 
 def build_unet(cfg: Config, init_weights: bytes | None = None) -> NeighborUNet:
