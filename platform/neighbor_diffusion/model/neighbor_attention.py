@@ -105,7 +105,9 @@ class NeighborAttention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         has_any = token_mask.any(dim=1)  # (B,)
-        if has_any.all() or not has_any.any():
+        # Under torch.compile every row takes the dense path: picking rows is a data-dependent branch and shape,
+        # which would break the graph at every neighbor layer (49 breaks in the gpu-base UNet).
+        if torch.compiler.is_compiling() or has_any.all() or not has_any.any():
             # (with no neighbor in any row, the layer still runs, times zero, so that every parameter is in the
             # graph on every rank, as distributed gradient reduction expects)
             return self._attend(hidden, tokens, token_mask, kv) * has_any[:, None, None].to(hidden.dtype)
