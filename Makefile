@@ -11,10 +11,12 @@ STEPS  ?=
 BASE   ?=
 BASE_FILE := runs/cpu-text-base/backbone.safetensors
 RUN    := neighbor-diffusion$(if $(STEPS),-$(STEPS))$(if $(BASE),-from-base)
-# From the base: neighbor gates open, neighbor layers at 5x the learning rate, and the noisiest 10% of
-# timesteps (where only the neighbors know the subject's colours) drawn 5x as often
+# The noisiest 10% of timesteps drawn 5x as often: on the base and on the run from it
+TIMESTEP_BIAS := --diffusion.timestep_bias_portion 0.1 --diffusion.timestep_bias_multiplier 5
+# From the base: neighbor gates open, neighbor layers at 5x the learning rate, and the timestep bias (near
+# pure noise only the neighbors know the subject's colours)
 FROM_BASE_FLAGS := --train.init_from $(BASE_FILE) --train.neighbor_gate_init 1.0 --train.neighbor_lr_scale 5 \
-	--diffusion.timestep_bias_portion 0.1 --diffusion.timestep_bias_multiplier 5
+	$(TIMESTEP_BIAS)
 SERVE_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -46,8 +48,7 @@ demo: setup
 # 10% of timesteps drawn 5x as often (the scene from the prompt alone, in half the steps uniform ones take);
 # its EMA UNet without the neighbor layers goes to $(BASE_FILE), with the command and commit in its metadata.
 BASE_FLAGS := --train.steps 3000 --train.sample_every 1000 --train.checkpoint_every 1000 \
-	--diffusion.p_drop_text 0.0 --diffusion.p_drop_neighbors 0.9 --diffusion.p_drop_both 0.1 \
-	--diffusion.timestep_bias_portion 0.1 --diffusion.timestep_bias_multiplier 5
+	--diffusion.p_drop_text 0.0 --diffusion.p_drop_neighbors 0.9 --diffusion.p_drop_both 0.1 $(TIMESTEP_BIAS)
 base: setup
 	$(PY) jobs/prepare_data.py --preset cpu
 	$(PY) jobs/train.py --preset cpu --train.run_name cpu-text-base $(BASE_FLAGS) --no-register \
