@@ -63,7 +63,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> runner.EvalResult:
     args = parse(argv)
     t_start = time.perf_counter()
-    model_dir = str(tracking.resolve_pipeline_dir(args.model))
+    model_dir = str(tracking.resolve_pipeline_dir(args.model, field="--model"))
     preset = args.preset or runner.load_config(model_dir).preset
     subjects, prompts, steps, validate = QUICK if args.quick else PRESET_SIZES.get(preset, PRESET_SIZES["cpu"])
     dreambooth_on = args.dreambooth if args.dreambooth is not None else not args.quick
@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
     resources = ray.cluster_resources()
     settings = runner.EvalSettings(
         model_dir=model_dir,
-        text_only_dir=str(tracking.resolve_pipeline_dir(args.text_only_model)) if args.text_only_model else "",
+        text_only_dir=(
+            str(tracking.resolve_pipeline_dir(args.text_only_model, field="--text-only-model"))
+            if args.text_only_model
+            else ""
+        ),
         num_subjects=args.subjects or subjects,
         prompts_per_subject=args.prompts or prompts,
         num_inference_steps=args.steps or steps,

@@ -47,7 +47,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from neighbor_diffusion.config import Config, ServeConfig, add_cli_arguments, from_cli_args, override, preset
-from neighbor_diffusion.tracking import is_registry_uri
+from neighbor_diffusion.tracking import is_registry_uri, resolve_pipeline_dir
 from serving.batching import Batcher
 from serving.schema import MAX_SEED, GenerationJob, Limits, describe, errors_of, request_model, to_job
 
@@ -120,13 +120,14 @@ class NeighborDiffusionModel:
         import torch
 
         from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
-        from neighbor_diffusion.tracking import resolve_pipeline_dir
 
         if tracking_uri:  # resolved by the builder, so replicas agree whatever their working dir
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         torch.set_num_threads(max(1, round(serve_cfg.num_cpus)))
         self.cfg = serve_cfg
-        self.pipe = NeighborDiffusionPipeline.from_pretrained(resolve_pipeline_dir(serve_cfg.model_uri))
+        self.pipe = NeighborDiffusionPipeline.from_pretrained(
+            resolve_pipeline_dir(serve_cfg.model_uri, field="serve.model_uri")
+        )
         self.model_id = model_id(serve_cfg.model_uri)
         self.cache = FeatureCache(serve_cfg.cache_size)
         self.batcher = Batcher(self._sample, serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s)
@@ -524,7 +525,8 @@ def resolve_serve_config(cfg: ServeConfig) -> tuple[ServeConfig, str | None]:
         from neighbor_diffusion.tracking import tracking_uri
 
         return cfg, tracking_uri()
-    return replace(cfg, model_uri=str(Path(cfg.model_uri).resolve())), None
+    # checked here, so a wrong path fails at once rather than in each replica's start
+    return replace(cfg, model_uri=str(resolve_pipeline_dir(cfg.model_uri, field="serve.model_uri").resolve())), None
 
 
 def build_app(args: Config | dict[str, Any] | None = None) -> serve.Application:
@@ -594,6 +596,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not cfg.serve.model_uri:
         parser.error("--serve.model_uri is required: a pipeline folder or models:/<name>@<alias>")
+    try:
+        resolve_serve_config(cfg.serve)  # a wrong model path: one line now, not a failed deployment later
+    except FileNotFoundError as e:
+        parser.error(str(e))
     import ray
 
     export_pythonpath()

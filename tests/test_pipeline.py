@@ -2,6 +2,7 @@
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,14 +10,13 @@ import torch
 from PIL import Image
 
 from conftest import open_gates
+from neighbor_diffusion.config import debug
 from neighbor_diffusion.data.images import ImageError, decode_image, to_tensor
 from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    from neighbor_diffusion.config import debug
-
     torch.manual_seed(0)
     p = NeighborDiffusionPipeline.from_config(debug())
     open_gates(p.unet)
@@ -90,3 +90,24 @@ def test_save_load_round_trip_gives_identical_samples(pipe, tmp_path):
 def test_from_pretrained_rejects_other_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a NeighborDiffusionPipeline"):
         NeighborDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_a_model_path_is_a_pipeline_folder_or_a_runs_folder_or_an_error_naming_the_field(pipe, tmp_path):
+    from neighbor_diffusion.tracking import resolve_pipeline_dir
+    from serving.app import resolve_serve_config
+
+    run = tmp_path / "runs" / "my-run"  # what jobs/train.py writes: runs/<run>/pipeline
+    pipe.save_pretrained(run / "pipeline")
+    assert resolve_pipeline_dir(str(run / "pipeline")) == run / "pipeline"
+    assert resolve_pipeline_dir(str(run)) == run / "pipeline"
+    with pytest.raises(FileNotFoundError, match=r"--model='.*nope': .*\(no such folder\)"):
+        resolve_pipeline_dir(str(tmp_path / "nope"), field="--model")
+    with pytest.raises(
+        FileNotFoundError, match=r"--model='.*runs': .*no neighbor_diffusion.json in it or in its pipeline/"
+    ):
+        resolve_pipeline_dir(str(tmp_path / "runs"), field="--model")
+    cfg = debug().serve
+    with pytest.raises(FileNotFoundError, match=r"serve.model_uri='.*nope'"):  # before any replica starts
+        resolve_serve_config(replace(cfg, model_uri=str(tmp_path / "nope")))
+    resolved, tracking = resolve_serve_config(replace(cfg, model_uri=str(run)))
+    assert resolved.model_uri == str((run / "pipeline").resolve()) and tracking is None

@@ -85,18 +85,23 @@ def is_registry_uri(uri: str) -> bool:
     return uri.startswith(("models:/", "runs:/"))
 
 
-def resolve_pipeline_dir(uri: str, download_dir: str | None = None) -> Path:
-    """A local pipeline folder, or `models:/<name>@<alias>` / `models:/<name>/<version>` from the registry
-    (downloaded into `download_dir`, or else a new temporary folder)."""
+def resolve_pipeline_dir(uri: str, download_dir: str | None = None, field: str = "model_uri") -> Path:
+    """`models:/<name>@<alias>` / `models:/<name>/<version>` from the registry (downloaded into
+    `download_dir`, or else a new temporary folder), a local pipeline folder, or a training run's folder
+    (`runs/<run>`: its `pipeline/`). `field` names the setting in the error."""
     if is_registry_uri(uri):
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri())
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir))
-    path = Path(uri)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model_uri={uri!r}: neither a models:/ URI nor an existing folder")
-    return path
+    from neighbor_diffusion.pipeline import CONFIG_NAME
+
+    path = Path(uri).expanduser()
+    for folder in (path, path / "pipeline"):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    why = f"no {CONFIG_NAME} in it or in its pipeline/" if path.is_dir() else "no such folder"
+    raise FileNotFoundError(f"{field}={uri!r}: not a pipeline folder, a run's folder or a models:/ URI ({why})")
 
 
 class RunLogger:
