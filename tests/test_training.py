@@ -301,12 +301,43 @@ def test_offloaded_optimizer_trains_like_the_one_on_the_worker(zero_runs, local_
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= files, files
 
 
-def test_registered_model_loads_as_a_pipeline(zero_runs):
+def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero_runs):
+    import base64
+    import io
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
     from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
     from neighbor_diffusion.tracking import resolve_pipeline_dir
 
-    pipe = NeighborDiffusionPipeline.from_pretrained(resolve_pipeline_dir("models:/nd-smoke@candidate"), "cpu")
+    uri = "models:/nd-smoke@candidate"
+    pipe = NeighborDiffusionPipeline.from_pretrained(resolve_pipeline_dir(uri), "cpu")
     assert pipe.config.train.zero_stage == 3
+    photos = []
+    for color in [(200, 20, 30), (20, 200, 30)]:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 48), color).save(buf, format="PNG")
+        photos.append(buf.getvalue())
+    ref = np.asarray(
+        pipe("a mug in snow", [Image.open(io.BytesIO(b)) for b in photos], seed=3, num_inference_steps=2)[0]
+    )
+    params = {"seed": 3, "num_inference_steps": 2}
+    # what an MLflow user does with the registered model: the pipeline's image, as PNG bytes
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict({"prompt": "a mug in snow", "neighbor_images": photos}, params=params)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(out["image"][0]))), ref)
+    # and what `mlflow models serve` gets: JSON, the images as base64
+    request = {"prompt": "a mug in snow", "neighbor_images": [base64.b64encode(b).decode() for b in photos]}
+    served = mlflow.models.validate_serving_input(uri, json.dumps({"dataframe_records": [request], "params": params}))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(served["image"][0]))), ref)
+    rows = pd.DataFrame({"prompt": ["a mug in snow", " "], "neighbor_images": [photos, photos]})
+    with pytest.raises(ValueError, match="row 1: prompt"):
+        model.predict(rows)
+    with pytest.raises(ValueError, match=r"row 0: neighbor_images\[1\]"):
+        model.predict({"prompt": "a mug in snow", "neighbor_images": [photos[0], photos[1][:20]]})
 
 
 def test_a_run_from_a_base_keeps_its_backbone_and_trains_the_neighbor_layers_at_their_lr(

