@@ -336,6 +336,8 @@ def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero
     rows = pd.DataFrame({"prompt": ["a mug in snow", " "], "neighbor_images": [photos, photos]})
     with pytest.raises(ValueError, match="row 1: prompt"):
         model.predict(rows)
+    with pytest.raises(ValueError, match=rf"row 0: neighbor_images: got 9, need 1..{pipe.max_neighbors}"):
+        model.predict({"prompt": "a mug in snow", "neighbor_images": [b"not decoded"] * 9})
     with pytest.raises(ValueError, match=r"row 0: neighbor_images\[1\]"):
         model.predict({"prompt": "a mug in snow", "neighbor_images": [photos[0], photos[1][:20]]})
 

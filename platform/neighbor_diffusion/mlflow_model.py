@@ -63,6 +63,8 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         images = []
         for i, row in enumerate(rows):
             files = _as_list(row.get("neighbor_images"))
+            if len(files) > self.pipe.max_neighbors:  # before decoding any
+                raise ValueError(f"row {i}: neighbor_images: got {len(files)}, need 1..{self.pipe.max_neighbors}")
             neighbors = [decode_image(_file_bytes(f), f"row {i}: neighbor_images[{j}]") for j, f in enumerate(files)]
             captions = _as_list(row.get("neighbor_captions")) or None
             try:
