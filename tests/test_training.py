@@ -205,6 +205,24 @@ def test_step_generator_depends_on_rank_and_step():
     assert not torch.equal(a, torch.rand(3, generator=E.step_generator(0, 0, 6, 0)))
 
 
+def test_a_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    """Not in the working dir, where a store given by MLFLOW_TRACKING_URI (as the tests' own) left them."""
+    import mlflow
+
+    from neighbor_diffusion import tracking
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "store").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    previous = mlflow.get_tracking_uri()
+    try:
+        experiment_id = tracking.setup("beside", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+        location = mlflow.get_experiment(experiment_id).artifact_location
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert location == (tmp_path / "store" / "mlartifacts").as_uri()
+
+
 @pytest.fixture(scope="module")
 def mlflow_store(tmp_path_factory):
     import os

@@ -34,13 +34,16 @@ def tracking_uri() -> str:
 
 
 def setup(experiment: str, uri: str | None = None):
-    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    """Point MLflow at the store and make sure the experiment exists; returns its id. A new experiment in a
+    SQLite store keeps its artifacts in `mlartifacts/` beside the database file (not in the working dir)."""
     import mlflow
 
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if uri.startswith("sqlite:") else None
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / DEFAULT_ARTIFACTS).as_uri()
         mlflow.create_experiment(experiment, artifact_location=location)
     return mlflow.set_experiment(experiment).experiment_id
 
