@@ -328,17 +328,14 @@ def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero
     import pandas as pd
     from PIL import Image
 
+    from neighbor_diffusion.data.images import encode_png
     from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
     from neighbor_diffusion.tracking import resolve_pipeline_dir
 
     uri = "models:/nd-smoke@candidate"
     pipe = NeighborDiffusionPipeline.from_pretrained(resolve_pipeline_dir(uri), "cpu")
     assert pipe.config.train.zero_stage == 3
-    photos = []
-    for color in [(200, 20, 30), (20, 200, 30)]:
-        buf = io.BytesIO()
-        Image.new("RGB", (40, 48), color).save(buf, format="PNG")
-        photos.append(buf.getvalue())
+    photos = [encode_png(Image.new("RGB", (40, 48), color)) for color in [(200, 20, 30), (20, 200, 30)]]
     ref = np.asarray(
         pipe("a mug in snow", [Image.open(io.BytesIO(b)) for b in photos], seed=3, num_inference_steps=2)[0]
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 
 import mlflow
 import numpy as np
@@ -54,7 +53,7 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         self.pipe = NeighborDiffusionPipeline.from_pretrained(context.artifacts[PIPELINE_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from neighbor_diffusion.data.images import decode_image
+        from neighbor_diffusion.data.images import decode_image, encode_png
 
         params = params or {}
         sampling = {k: params[k] for k in ("num_inference_steps",) if params.get(k, 0) > 0}
@@ -73,9 +72,7 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
                 )
             except ValueError as e:
                 raise ValueError(f"row {i}: {e}") from e
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            images.append(buf.getvalue())
+            images.append(encode_png(image))
         return pd.DataFrame({"image": images})
 
 
