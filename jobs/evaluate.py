@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # for `ray job submit --working-dir .`
 
 from neighbor_diffusion import tracking  # noqa: E402
+from neighbor_diffusion.config import cli_errors  # noqa: E402
 from neighbor_diffusion.evaluation import baselines, benchmark, metrics, runner  # noqa: E402
 
 EXPERIMENT = "neighbor-diffusion-eval"
@@ -32,14 +33,25 @@ PRESET_SIZES = {"debug": (2, 2, 5, 0), "cpu": (8, 4, None, 60)}
 QUICK = (4, 2, 20, 0)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def _count(minimum: int):
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{raw}: must be >= {minimum}")
+        return value
+
+    parse.__name__ = "int"  # argparse's message: "invalid int value"
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a folder")
     p.add_argument("--preset", default="", help="benchmark size (debug, cpu, ...); default: the model's preset")
     p.add_argument("--quick", action="store_true", help="4 subjects x 2 prompts, 20 steps, no validation")
-    p.add_argument("--subjects", type=int, default=None, help="held-out subjects (default: by preset)")
-    p.add_argument("--prompts", type=int, default=None, help="prompts per subject (default: by preset)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: by preset / the model)")
+    p.add_argument("--subjects", type=_count(1), default=None, help="held-out subjects (default: by preset)")
+    p.add_argument("--prompts", type=_count(1), default=None, help="prompts per subject (default: by preset)")
+    p.add_argument("--steps", type=_count(1), default=None, help="sampling steps (default: by preset / the model)")
     p.add_argument("--text-guidance", type=float, default=None)
     p.add_argument("--neighbor-guidance", type=float, default=None)
     p.add_argument("--text-only-model", default="", help="a model trained with neighbors always dropped")
@@ -49,21 +61,31 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="the fine-tuning baseline (default: on, off with --quick)",
     )
-    p.add_argument("--dreambooth-steps", type=int, default=200)
-    p.add_argument("--validate", type=int, default=None, help="metric validation queries on renders (0: skip)")
-    p.add_argument("--workers", type=int, default=0, help="generation actors (0: the cluster's CPUs, max 8)")
+    p.add_argument("--dreambooth-steps", type=_count(1), default=200)
+    p.add_argument("--validate", type=_count(0), default=None, help="metric validation queries on renders (0: skip)")
+    p.add_argument("--workers", type=_count(0), default=0, help="generation actors (0: the cluster's CPUs, max 8)")
     p.add_argument("--dreambench", default="", help="a DreamBench-format folder: adds DINO / CLIP-I / CLIP-T")
     p.add_argument("--embedder", action="append", default=[], help="local CLIP or DINO folder (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="report folder (default: runs/eval/<time>)")
     p.add_argument("--no-mlflow", action="store_true")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> runner.EvalResult:
-    args = parse(argv)
+    p = parser()
+    args = p.parse_args(argv)
     t_start = time.perf_counter()
-    model_dir = str(tracking.resolve_pipeline_dir(args.model, field="--model"))
+    with cli_errors(p, (FileNotFoundError,)):  # every path checked before the benchmark starts, not after it
+        model_dir = str(tracking.resolve_pipeline_dir(args.model, field="--model"))
+        text_only_dir = (
+            str(tracking.resolve_pipeline_dir(args.text_only_model, field="--text-only-model"))
+            if args.text_only_model
+            else ""
+        )
+        for flag, path in (("--dreambench", args.dreambench), *(("--embedder", e) for e in args.embedder)):
+            if path and not Path(path).is_dir():
+                raise FileNotFoundError(f"{flag}={path!r}: no such folder")
     preset = args.preset or runner.load_config(model_dir).preset
     subjects, prompts, steps, validate = QUICK if args.quick else PRESET_SIZES.get(preset, PRESET_SIZES["cpu"])
     dreambooth_on = args.dreambooth if args.dreambooth is not None else not args.quick
@@ -81,11 +103,7 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
     resources = ray.cluster_resources()
     settings = runner.EvalSettings(
         model_dir=model_dir,
-        text_only_dir=(
-            str(tracking.resolve_pipeline_dir(args.text_only_model, field="--text-only-model"))
-            if args.text_only_model
-            else ""
-        ),
+        text_only_dir=text_only_dir,
         num_subjects=args.subjects or subjects,
         prompts_per_subject=args.prompts or prompts,
         num_inference_steps=args.steps or steps,

@@ -28,10 +28,14 @@ from neighbor_diffusion import config  # noqa: E402
 from neighbor_diffusion.data import crawl, mining  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_cli_arguments(parser)
-    cfg = config.from_cli_args(parser.parse_args())
+    args = parser.parse_args(argv)
+    with config.cli_errors(parser, (config.ConfigError, FileNotFoundError)):
+        cfg = config.from_cli_args(args)
+        if cfg.data.input:
+            mining.crawl_files(cfg.data.input, cfg.data.input_format)  # before Ray starts, not in the mining
     paths = mining.layout(cfg)
     paths["base"].mkdir(parents=True, exist_ok=True)
 

@@ -21,18 +21,8 @@ from neighbor_diffusion import config as C  # noqa: E402
 from neighbor_diffusion.training import trainer  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> trainer.TrainOutcome:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_cli_arguments(parser)
-    parser.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
-    parser.add_argument(
-        "--export-backbone",
-        metavar="FILE",
-        help="also write the trained UNet without its neighbor layers to FILE (safetensors), for train.init_from",
-    )
-    args = parser.parse_args(argv)
-    cfg = C.from_cli_args(args)
-
+def _train(cfg: C.Config, *, register: bool) -> trainer.TrainOutcome:
+    """The mined clusters as a Ray Data stream, trained on (`trainer.train`)."""
     trainer.start_ray(cfg)
     from ray.data import DataContext
 
@@ -50,7 +40,22 @@ def main(argv: list[str] | None = None) -> trainer.TrainOutcome:
     epochs = trainer.epochs_needed(cfg, num_clusters)
     print(f"[train] {num_clusters} clusters from {paths['clusters']}, {epochs} epochs for {cfg.train.steps} steps")
     dataset = training_dataset(str(paths["clusters"]), cfg, seed=cfg.train.seed, num_epochs=epochs)
-    outcome = trainer.train(cfg, {"train": dataset}, register=not args.no_register)
+    return trainer.train(cfg, {"train": dataset}, register=register)
+
+
+def main(argv: list[str] | None = None) -> trainer.TrainOutcome:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_cli_arguments(parser)
+    parser.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
+    parser.add_argument(
+        "--export-backbone",
+        metavar="FILE",
+        help="also write the trained UNet without its neighbor layers to FILE (safetensors), for train.init_from",
+    )
+    args = parser.parse_args(argv)
+    with C.cli_errors(parser):  # a bad --section.field, init_from or resume: one line naming it
+        cfg = C.from_cli_args(args)
+        outcome = _train(cfg, register=not args.no_register)
     print(f"[train] pipeline:    {outcome.pipeline_dir}")
     print(f"[train] sample grid: {outcome.pipeline_dir.parent / f'samples_step_{cfg.train.steps:06d}.png'}")
     print(f"[train] MLflow run:  {outcome.run_id}  (make mlflow-ui, then http://127.0.0.1:5000)")

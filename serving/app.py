@@ -46,7 +46,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
-from neighbor_diffusion.config import Config, ServeConfig, add_cli_arguments, from_cli_args, override, preset
+from neighbor_diffusion.config import (
+    Config,
+    ServeConfig,
+    add_cli_arguments,
+    cli_errors,
+    from_cli_args,
+    override,
+    preset,
+)
 from neighbor_diffusion.tracking import is_registry_uri, resolve_pipeline_dir
 from serving.batching import Batcher
 from serving.schema import MAX_SEED, GenerationJob, Limits, describe, errors_of, request_model, to_job
@@ -522,10 +530,11 @@ def resolve_serve_config(cfg: ServeConfig) -> tuple[ServeConfig, str | None]:
     if not cfg.model_uri:
         raise ValueError("serve.model_uri is empty: give a pipeline folder or models:/<name>@<alias>")
     if is_registry_uri(cfg.model_uri):
-        from neighbor_diffusion.tracking import tracking_uri
+        from neighbor_diffusion.tracking import check_registry_uri, tracking_uri
 
+        check_registry_uri(cfg.model_uri, field="serve.model_uri")  # in the store: else one line, not 3 failed replicas
         return cfg, tracking_uri()
-    # checked here, so a wrong path fails at once rather than in each replica's start
+    # checked here too, so a wrong path fails at once rather than in each replica's start
     return replace(cfg, model_uri=str(resolve_pipeline_dir(cfg.model_uri, field="serve.model_uri").resolve())), None
 
 
@@ -587,7 +596,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a new local Ray")
     parser.add_argument("--write-config", metavar="PATH", help="write the Serve config YAML and exit")
     args = parser.parse_args(argv)
-    cfg = from_cli_args(args)
+    with cli_errors(parser):
+        cfg = from_cli_args(args)
     if args.write_config:
         import yaml
 
@@ -596,10 +606,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not cfg.serve.model_uri:
         parser.error("--serve.model_uri is required: a pipeline folder or models:/<name>@<alias>")
-    try:
+    with cli_errors(parser, (FileNotFoundError,)):
         resolve_serve_config(cfg.serve)  # a wrong model path: one line now, not a failed deployment later
-    except FileNotFoundError as e:
-        parser.error(str(e))
     import ray
 
     export_pythonpath()

@@ -289,3 +289,55 @@ def test_two_node_cluster_places_workers_on_both_nodes(tmp_path, monkeypatch):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_bad_setting_ends_a_job_or_the_server_in_one_line_naming_it(debug_data, tmp_path, monkeypatch, capsys):
+    """Settings the driver checks end the command as argparse's own errors do (`prog: error: ...`, exit 2),
+    before the work starts, not as a traceback or a failed deployment."""
+    from jobs import evaluate, prepare_data, train
+    from neighbor_diffusion.config import debug
+    from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
+    from serving import app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    NeighborDiffusionPipeline.from_config(debug()).save_pretrained(tmp_path / "pipe")
+    cases = [
+        (train.main, ["--preset", "debug", "--train.steps", "0"], r"train\.steps=0: must be >= 1"),
+        (
+            prepare_data.main,
+            ["--preset", "debug", "--data.input", str(tmp_path / "crawl")],
+            r"data\.input='.*crawl': no such folder \(data\.input_format=webdataset\)",
+        ),
+        (evaluate.main, ["--model", str(tmp_path / "nope")], r"--model='.*nope': not a pipeline folder"),
+        (
+            evaluate.main,
+            ["--model", "models:/nd-none@candidate"],
+            r"--model='models:/nd-none@candidate': Registered Model with name=nd-none not found \(MLflow store sqlite",
+        ),
+        (
+            evaluate.main,
+            ["--model", str(tmp_path / "pipe"), "--dreambench", str(tmp_path / "db")],
+            r"--dreambench='.*db': no such folder",
+        ),
+        (evaluate.main, ["--model", str(tmp_path / "pipe"), "--subjects", "0"], r"argument --subjects: 0: must be >= 1"),
+        (app.main, ["--serve.port", "0", "--serve.model_uri", "x"], r"serve\.port=0: must be a TCP port"),
+        (app.main, ["--serve.model_uri", "models:/nd-none/3"], r"serve\.model_uri='models:/nd-none/3': .*nd-none"),
+    ]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and err and re.fullmatch(rf".+?: error: {message}.*", err[-1]), (argv, err)
+        assert not any("Traceback" in line for line in err), (argv, err)
+
+    # the real command, with Ray started: train.init_from is checked in the driver before any worker starts
+    cmd = _train_cmd(debug_data, tmp_path / "runs", "bad-init", 4, "--train.init_from", "models:/nd-none@candidate")
+    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last == (
+        "train.py: error: train.init_from='models:/nd-none@candidate': Registered Model with name=nd-none not found "
+        f"(MLflow store sqlite:///{tmp_path}/mlflow.db)"
+    ), last
+    assert not (tmp_path / "runs" / "bad-init").exists()  # no worker started, no checkpoint folder

@@ -10,6 +10,7 @@ what ``from_dict()`` reads back, so a run's config can always be rebuilt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -691,3 +692,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def from_cli_args(args: argparse.Namespace) -> Config:
     given = {k: v for k, v in vars(args).items() if "." in k and v is not None}
     return override(preset(args.preset), given)
+
+
+@contextlib.contextmanager
+def cli_errors(parser: argparse.ArgumentParser, errors: tuple[type[Exception], ...] = (ConfigError,)):
+    """A bad setting raised inside (its message names the field) ends the command as argparse's own errors
+    do: `prog: error: <message>` on stderr, exit status 2, no traceback, and without the usage text (which
+    runs to dozens of lines for a parser with every config field)."""
+    try:
+        yield
+    except errors as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")

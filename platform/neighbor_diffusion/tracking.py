@@ -125,6 +125,27 @@ def is_registry_uri(uri: str) -> bool:
     return uri.startswith(("models:/", "runs:/"))
 
 
+def check_registry_uri(uri: str, field: str = "model_uri") -> None:
+    """A `models:/` or `runs:/` URI names a model version, logged model or run in `tracking_uri()`'s store
+    (asked of the store, nothing downloaded); else FileNotFoundError naming `field`, the URI and the store."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = MlflowClient(tracking_uri())
+    try:
+        if uri.startswith("runs:/"):
+            client.get_run(uri.removeprefix("runs:/").split("/")[0])
+        elif len(found := get_model_name_and_version(client, uri)) == 1:
+            client.get_logged_model(found[0])
+        else:
+            client.get_model_version(*found)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise FileNotFoundError(f"{field}={uri!r}: {e.message} (MLflow store {tracking_uri()})") from None
+
+
 def resolve_pipeline_dir(uri: str, download_dir: str | None = None, field: str = "model_uri") -> Path:
     """`models:/<name>@<alias>` / `models:/<name>/<version>` from the registry (downloaded into
     `download_dir`, or else a new temporary folder; the pipeline folder inside the pyfunc model that
@@ -133,6 +154,7 @@ def resolve_pipeline_dir(uri: str, download_dir: str | None = None, field: str =
     if is_registry_uri(uri):
         import mlflow
 
+        check_registry_uri(uri, field)
         mlflow.set_tracking_uri(tracking_uri())
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir))
         if (path / "MLmodel").is_file():  # a pyfunc model (register_pipeline): the pipeline is an artifact of it

@@ -471,19 +471,24 @@ def layout(cfg: Config) -> dict[str, Path]:
     }
 
 
+def crawl_files(input_dir: str | Path, fmt: str) -> list[str]:
+    """The crawl's shard files under `data.input` (.tar for webdataset, else .parquet); FileNotFoundError if none."""
+    ext = ".tar" if fmt == "webdataset" else ".parquet"
+    files = sorted(str(p) for p in Path(input_dir).rglob(f"*{ext}"))
+    if not files:
+        why = "no such folder" if not Path(input_dir).is_dir() else f"no {ext} files in it"
+        raise FileNotFoundError(f"data.input={str(input_dir)!r}: {why} (data.input_format={fmt})")
+    return files
+
+
 def read_crawl(input_dir: Path, fmt: str):
     """The crawl as a Ray Dataset of records (key, shard, index, image, ext, caption, meta, has_*)."""
     import ray
 
+    files = crawl_files(input_dir, fmt)
     if fmt == "webdataset":
-        files = sorted(str(p) for p in input_dir.rglob("*.tar"))
-        if not files:
-            raise FileNotFoundError(f"data.input={str(input_dir)!r}: no .tar shards found")
         ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=len(files))
         return ds.flat_map(_read_tar_flagged), len(files)
-    files = sorted(str(p) for p in input_dir.rglob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"data.input={str(input_dir)!r}: no .parquet files found")
     ds = ray.data.read_parquet(files, include_paths=True)
     ds = ds.map_batches(_with_shard_index, batch_format="numpy")
     return ds.map_batches(_parquet_flagged, batch_format="numpy"), len(files)

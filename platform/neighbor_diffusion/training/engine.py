@@ -100,7 +100,10 @@ def init_weights_file(init_from: str, download_dir: str | None = None) -> Path:
     """`train.init_from` -> the UNet safetensors file it names: that file, a pipeline folder or a models:/ URI
     (downloaded into `download_dir`, or else a new temporary folder)."""
     if is_registry_uri(init_from):
-        path = resolve_pipeline_dir(init_from, download_dir)
+        try:
+            path = resolve_pipeline_dir(init_from, download_dir, field="train.init_from")
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
     else:
         path = Path(init_from).expanduser()
     if path.is_dir():

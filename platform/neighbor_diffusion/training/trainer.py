@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from neighbor_diffusion import tracking
-from neighbor_diffusion.config import Config
+from neighbor_diffusion.config import Config, ConfigError
 from neighbor_diffusion.training import engine as E
 from neighbor_diffusion.training.loop import train_loop_per_worker
 
@@ -226,7 +226,7 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     if (old_scale == 1.0) != (cfg.train.neighbor_lr_scale == 1.0):  # one optimizer parameter group or two
         changed.append(f"train.neighbor_lr_scale ({old_scale} there)")
     if changed:
-        raise ValueError(
+        raise ConfigError(
             f"{run_dir} holds checkpoints of another model or optimizer ({', '.join(changed)} differ): pass a new "
             f"--train.run_name, or delete that folder to train from scratch"
         )
