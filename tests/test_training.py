@@ -348,11 +348,28 @@ def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero
     request = {"prompt": "a mug in snow", "neighbor_images": [base64.b64encode(b).decode() for b in photos]}
     served = mlflow.models.validate_serving_input(uri, json.dumps({"dataframe_records": [request], "params": params}))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(served["image"][0]))), ref)
-    rows = pd.DataFrame({"prompt": ["a mug in snow", " "], "neighbor_images": [photos, photos]})
-    with pytest.raises(ValueError, match="row 1: prompt"):
+    # batch inference: rows with as many neighbors share a generate() call; each row's image is its own
+    pipe = model.unwrap_python_model().pipe
+    calls = []
+    generate = pipe.generate
+    pipe.generate = lambda prompts, *a, **kw: calls.append(list(prompts)) or generate(prompts, *a, **kw)
+    prompts = ["a mug in snow", "a mug on sand", "a mug at night", "a mug", "a mug in a forest"]
+    batch = pd.DataFrame({"prompt": prompts, "neighbor_images": [photos, photos[:1], photos[::-1], [], photos]})
+    images = model.predict(batch, params=params)["image"]
+    assert calls == [prompts[0::2][:2], [prompts[1]], [prompts[3]], [prompts[4]]]  # serve.max_batch_size 4
+    for i in range(len(batch)):
+        alone = model.predict(batch.iloc[[i]], params=params)["image"][0]
+        pixels = [np.asarray(Image.open(io.BytesIO(b)), dtype=int) for b in (images[i], alone)]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 1, f"row {i} depends on the rows beside it"
+    calls.clear()
+    rows = pd.DataFrame({"prompt": ["a mug in snow", "a mug", " "], "neighbor_images": [photos, photos, photos]})
+    with pytest.raises(ValueError, match="row 2: prompt"):
         model.predict(rows)
+    assert calls == []  # every row is checked before any is sampled
     with pytest.raises(ValueError, match=rf"row 0: neighbor_images: got 9, need 1..{pipe.max_neighbors}"):
         model.predict({"prompt": "a mug in snow", "neighbor_images": [b"not decoded"] * 9})
+    with pytest.raises(ValueError, match=r"row 0: neighbor_captions: got 1 for 2 neighbor_images"):
+        model.predict({"prompt": "a mug in snow", "neighbor_images": photos, "neighbor_captions": ["a mug"]})
     with pytest.raises(ValueError, match=r"row 0: neighbor_images\[1\]"):
         model.predict({"prompt": "a mug in snow", "neighbor_images": [photos[0], photos[1][:20]]})
 
