@@ -20,6 +20,8 @@ FROM_BASE_FLAGS := --train.init_from $(BASE_FILE) --train.neighbor_gate_init 1.0
 SERVE_PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# no "Loading weights" progress bar in the jobs' logs at each load of the text encoder
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONPATH := $(CURDIR)/platform:$(CURDIR)
 

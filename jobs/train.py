@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+# registering copies the local pipeline folder through MLflow's artifact download, whose progress bar
+# ("Downloading artifacts: 100%") would read in the job log as if something were fetched
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # for `ray job submit --working-dir .`
 
 from neighbor_diffusion import config as C  # noqa: E402
