@@ -37,13 +37,14 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 setup: $(BIN)/.installed
 
 # The main job end to end: subject-world crawl -> mined clusters -> training -> registered model
-# -> the neighbor model's benchmark numbers beside the text-only baseline's.
+# -> the neighbor model's benchmark numbers beside the text-only baseline's, for the version just registered
+# (also logged to that version in MLflow).
 demo: setup
 	$(if $(BASE),@test -f $(BASE_FILE) || { echo "make demo BASE=1: no $(BASE_FILE); run make base first"; exit 1; })
 	$(PY) jobs/prepare_data.py --preset $(PRESET)
 	$(PY) jobs/train.py --preset $(PRESET) --train.run_name $(RUN) $(if $(STEPS),--train.steps $(STEPS) --train.sample_every 1000) \
 		$(if $(BASE),$(FROM_BASE_FLAGS))
-	$(PY) jobs/evaluate.py --model runs/$(RUN)/pipeline --quick
+	$(PY) jobs/evaluate.py --model models:/neighbor-diffusion@candidate --quick
 
 # The text-only base for `make demo BASE=1` (its training job ~20 minutes on 2 cores): the `cpu` preset
 # with the neighbors dropped in every example, so only the text-to-image backbone learns, and the noisiest

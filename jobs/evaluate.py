@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
         run_id = tracking.start_run(EXPERIMENT, f"eval-{preset}", tags={"model": args.model, "quick": args.quick})
         logger = tracking.RunLogger(run_id)
         logger.params({k: v for k, v in meta.items() if k != "metric_validation"})
+        # a registered version: its logged model gets the scores too (the MLflow UI shows them on its page)
+        version, model_id = tracking.model_version(args.model) or (None, None)
         logger.metrics(
             {
                 f"{row['method']}/{k}": v
@@ -155,7 +157,16 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
             }
             | {f"validation/{k}": v for k, v in validation.items()},
             step=0,
+            model_id=model_id,
         )
+        if version:  # and its headline numbers as tags, which the registry's lists show
+            from mlflow import MlflowClient
+
+            ours = result.table[0]  # the neighbor model's row
+            tags = {"eval.run_id": run_id, "eval.quick": args.quick, "eval.samples": int(ours["samples"])}
+            tags |= {f"eval.{k}": f"{ours[k]:.3f}" for k in ("identity", "text_fidelity", "copy_rate")}
+            for key, value in tags.items():
+                MlflowClient().set_model_version_tag(version.name, version.version, key, str(value))
         tracking.log_table(run_id, result.table, "results_table.json")
         tracking.log_files(run_id, [json_path, md_path, grid_path, out / "scores.jsonl"], "report")
         tracking.end_run(run_id)

@@ -191,15 +191,18 @@ def test_dreambooth_finetune_learns_the_subject_and_leaves_the_model_alone(debug
 def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debug_pipe):
     import ray
 
+    from neighbor_diffusion import tracking
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     debug_pipe.save_pretrained(tmp_path / "pipe")
+    version = tracking.register_pipeline(tracking.start_run("train", "train"), tmp_path / "pipe", "nd-eval")
     from jobs import evaluate
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         result = evaluate.main(
-            ["--model", str(tmp_path / "pipe"), "--subjects", "1", "--prompts", "2", "--steps", "2",
+            ["--model", "models:/nd-eval@candidate", "--subjects", "1", "--prompts", "2", "--steps", "2",
              "--workers", "1", "--no-dreambooth", "--validate", "0", "--out", str(tmp_path / "out")]
         )  # fmt: skip
     finally:
@@ -221,6 +224,13 @@ def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debu
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     assert "neighbor/identity" in run.data.metrics and "text_only/text_fidelity" in run.data.metrics
+    # the registered version evaluated: its logged model holds the scores, its tags the headline numbers
+    evaluated = client.get_model_version("nd-eval", version.version)
+    model_id = evaluated.source.removeprefix("models:/")
+    scores = {m.key: m.value for m in client.get_logged_model(model_id).metrics}
+    assert scores["neighbor/identity"] == run.data.metrics["neighbor/identity"] and "text_only/identity" in scores
+    assert evaluated.tags["eval.run_id"] == run.info.run_id and evaluated.tags["eval.samples"] == "2"
+    assert evaluated.tags["eval.identity"] == f"{result.table[0]['identity']:.3f}"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "results_table.json" in artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {

@@ -146,6 +146,25 @@ def check_registry_uri(uri: str, field: str = "model_uri") -> None:
         raise FileNotFoundError(f"{field}={uri!r}: {e.message} (MLflow store {tracking_uri()})") from None
 
 
+def model_version(uri: str):
+    """(the registered ModelVersion that a `models:/<name>@<alias>` or `models:/<name>/<version>` URI names,
+    the id of the logged model it was registered from, or None for a version registered as a bare folder
+    before it was a pyfunc model), else None (a path, a run or a logged model)."""
+    if not uri.startswith("models:/"):
+        return None
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = MlflowClient(tracking_uri())
+    found = get_model_name_and_version(client, uri)
+    if len(found) != 2:
+        return None
+    version = client.get_model_version(*found)
+    # the SQL registry keeps a version's source (models:/m-<id>), not its model_id
+    source = get_model_name_and_version(client, version.source) if version.source.startswith("models:/") else ()
+    return version, version.model_id or (source[0] if len(source) == 1 else None)
+
+
 def resolve_pipeline_dir(uri: str, download_dir: str | None = None, field: str = "model_uri") -> Path:
     """`models:/<name>@<alias>` / `models:/<name>/<version>` from the registry (downloaded into
     `download_dir`, or else a new temporary folder; the pipeline folder inside the pyfunc model that
@@ -204,13 +223,14 @@ class RunLogger:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         self._safe("params", self.client.log_batch, self.run_id, params=items)
 
-    def metrics(self, metrics: dict[str, float], step: int) -> None:
+    def metrics(self, metrics: dict[str, float], step: int, model_id: str | None = None) -> None:
+        """`model_id`: also the metrics of that logged model (MLflow shows them with its registered versions)."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(metric_name(k), float(v), now, step, model_id=model_id) for k, v in metrics.items()]
         self._safe("metrics", self.client.log_batch, self.run_id, metrics=items)
 
     def image(self, image, artifact_file: str) -> None:
