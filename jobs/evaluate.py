@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
     t_start = time.perf_counter()
     with cli_errors(p, (FileNotFoundError,)):  # every path checked before the benchmark starts, not after it
         model_dir = str(tracking.resolve_pipeline_dir(args.model, field="--model"))
+        # a registered version (pinned now: an alias may move on while the benchmark runs) gets the scores too
+        version, model_id = tracking.model_version(args.model) or (None, None)
         text_only_dir = (
             str(tracking.resolve_pipeline_dir(args.text_only_model, field="--text-only-model"))
             if args.text_only_model
@@ -146,8 +148,6 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
         run_id = tracking.start_run(EXPERIMENT, f"eval-{preset}", tags={"model": args.model, "quick": args.quick})
         logger = tracking.RunLogger(run_id)
         logger.params({k: v for k, v in meta.items() if k != "metric_validation"})
-        # a registered version: its logged model gets the scores too (the MLflow UI shows them on its page)
-        version, model_id = tracking.model_version(args.model) or (None, None)
         logger.metrics(
             {
                 f"{row['method']}/{k}": v
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
             }
             | {f"validation/{k}": v for k, v in validation.items()},
             step=0,
-            model_id=model_id,
+            model_id=model_id,  # also the metrics of the version's logged model: the MLflow UI shows them with it
         )
         if version:  # and its headline numbers as tags, which the registry's lists show
             from mlflow import MlflowClient
