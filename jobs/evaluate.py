@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
         validation = metrics.validate_identity(n_validate, size) | metrics.validate_detectors(n_validate, size)
         validation |= metrics.validate_copy(n_validate, size)
 
+    shown = f"{args.model} (version {version.version})" if version else model_dir
     print(
-        f"[evaluate] {model_dir}: {settings.num_subjects} subjects x {settings.prompts_per_subject} prompts, "
+        f"[evaluate] {shown}: {settings.num_subjects} subjects x {settings.prompts_per_subject} prompts, "
         f"{settings.workers} workers, dreambooth {'on' if dreambooth_on else 'off'}",
         flush=True,
     )

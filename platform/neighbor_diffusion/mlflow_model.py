@@ -70,14 +70,14 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         step = self.pipe.config.serve.max_batch_size  # rows per generate() call, as a Serve replica batches
         for start in range(0, len(rows), step):
             by_count: dict[int, list[int]] = defaultdict(list)  # rows batch when their neighbor counts match
-            features = {}
+            prompts, features = {}, {}
             for i in range(start, min(start + step, len(rows))):
-                prompt, neighbors, captions = self._inputs(i, rows[i])
+                prompts[i], neighbors, captions = self._inputs(i, rows[i])
                 features[i] = self.pipe.encode_neighbor_set(neighbors, captions) if neighbors else None
                 by_count[len(neighbors)].append(i)
             for count, members in by_count.items():
                 x = self.pipe.generate(
-                    [rows[i]["prompt"] for i in members],
+                    [prompts[i] for i in members],
                     NeighborFeatures.cat([features[i] for i in members]) if count else None,
                     [seed] * len(members),
                     **sampling,
