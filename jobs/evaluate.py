@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
             }
             | {f"validation/{k}": v for k, v in validation.items()},
             step=0,
-            model_id=model_id,  # also the metrics of the version's logged model: the MLflow UI shows them with it
+            model_id=model_id,  # also metrics of the logged model the version was registered from
         )
         if version:  # and its headline numbers as tags, which the registry's lists show
             from mlflow import MlflowClient

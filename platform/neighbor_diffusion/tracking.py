@@ -224,7 +224,7 @@ class RunLogger:
         self._safe("params", self.client.log_batch, self.run_id, params=items)
 
     def metrics(self, metrics: dict[str, float], step: int, model_id: str | None = None) -> None:
-        """`model_id`: also the metrics of that logged model (MLflow shows them with its registered versions)."""
+        """`model_id`: also the metrics of that logged model (MLflow 3 links metrics to models)."""
         import time
 
         from mlflow.entities import Metric
