@@ -34,10 +34,9 @@ from pydantic import (
     field_validator,
 )
 
-from neighbor_diffusion.config import GUIDANCE_MODES, SAMPLERS, ServeConfig
+from neighbor_diffusion.config import GUIDANCE_MODES, MAX_SEED, SAMPLERS, ServeConfig
 from neighbor_diffusion.data.images import ImageError, decode_image
 
-MAX_SEED = 2**32 - 1
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
 
 

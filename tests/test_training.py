@@ -345,8 +345,10 @@ def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero
     out = model.predict({"prompt": "a mug in snow", "neighbor_images": photos}, params=params)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(out["image"][0]))), ref)
     # and what `mlflow models serve` gets: JSON, the images as base64
-    request = {"prompt": "a mug in snow", "neighbor_images": [base64.b64encode(b).decode() for b in photos]}
-    served = mlflow.models.validate_serving_input(uri, json.dumps({"dataframe_records": [request], "params": params}))
+    request = {"prompt": "a mug in snow", "neighbor_images": [base64.b64encode(b).decode() for b in photos], "seed": 3}
+    served = mlflow.models.validate_serving_input(  # the row's seed, not the params' (0 when left out)
+        uri, json.dumps({"dataframe_records": [request], "params": {"num_inference_steps": 2}})
+    )
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(served["image"][0]))), ref)
     # batch inference: rows with as many neighbors share a generate() call; each row's image is its own
     pipe = model.unwrap_python_model().pipe
@@ -361,6 +363,13 @@ def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero
         alone = model.predict(batch.iloc[[i]], params=params)["image"][0]
         pixels = [np.asarray(Image.open(io.BytesIO(b)), dtype=int) for b in (images[i], alone)]
         assert np.abs(pixels[0] - pixels[1]).max() <= 1, f"row {i} depends on the rows beside it"
+    # equal rows give equal images unless each has its own seed; they still share a generate() call
+    calls.clear()
+    seeded = pd.DataFrame({"prompt": ["a mug in snow"] * 3, "neighbor_images": [photos] * 3, "seed": [3, 4, 3]})
+    pixels = [np.asarray(Image.open(io.BytesIO(b)), dtype=int) for b in model.predict(seeded, params=params)["image"]]
+    assert calls == [["a mug in snow"] * 3]
+    assert np.abs(pixels[0] - ref).max() <= 1 and np.abs(pixels[2] - ref).max() <= 1
+    assert np.abs(pixels[1] - ref).max() > 10
     calls.clear()
     rows = pd.DataFrame({"prompt": ["a mug in snow", "a mug", " "], "neighbor_images": [photos, photos, photos]})
     with pytest.raises(ValueError, match="row 2: prompt"):
@@ -370,6 +379,8 @@ def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero
         model.predict({"prompt": "a mug in snow", "neighbor_images": [b"not decoded"] * 9})
     with pytest.raises(ValueError, match=r"row 0: neighbor_captions: got 1 for 2 neighbor_images"):
         model.predict({"prompt": "a mug in snow", "neighbor_images": photos, "neighbor_captions": ["a mug"]})
+    with pytest.raises(ValueError, match=r"row 1: seed: got -1, need an integer in 0..4294967295"):
+        model.predict(pd.DataFrame({"prompt": ["a mug"] * 2, "neighbor_images": [photos] * 2, "seed": [0, -1]}))
     with pytest.raises(ValueError, match=r"row 0: neighbor_images\[1\]"):
         model.predict({"prompt": "a mug in snow", "neighbor_images": [photos[0], photos[1][:20]]})
 

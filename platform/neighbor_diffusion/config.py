@@ -109,6 +109,7 @@ SAMPLERS = ("ddim", "dpm++")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 GUIDANCE_MODES = ("joint", "interleaved")
 THRESHOLDING = ("dynamic", "static", "none")
+MAX_SEED = 2**32 - 1  # the seeds a request (serving) or a pyfunc row may give
 
 
 @dataclass(frozen=True)

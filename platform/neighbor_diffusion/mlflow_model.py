@@ -8,11 +8,13 @@ pipeline folder ("models from code": nothing is pickled), and MLflow runs it whe
     out["image"][0]  # PNG bytes
 
 A row: `prompt`, `neighbor_images` (image files' bytes, or base64 strings) and optionally
-`neighbor_captions`; params: `seed`, `num_inference_steps`, `text_guidance`, `neighbor_guidance` (left
+`neighbor_captions` and `seed` (a column for every row or none: pandas cannot hold a missing integer);
+params: `seed` (for rows without one), `num_inference_steps`, `text_guidance`, `neighbor_guidance` (left
 out, or 0 steps and -1 guidance: the model's defaults). Each row gives one PNG, the image of
-`pipe(prompt, neighbor_images, neighbor_captions, seed=seed)`: rows are sampled in batches of up to
-`serve.max_batch_size` (rows with as many neighbors share a `pipe.generate` call, as requests do on a
-Serve replica); a row's image does not depend on the rows beside it (up to rounding: +-1 of 255).
+`pipe(prompt, neighbor_images, neighbor_captions, seed=seed)`, so equal rows give equal images unless their
+seeds differ. Rows are sampled in batches of up to `serve.max_batch_size` (rows with as many neighbors share
+a `pipe.generate` call, as requests do on a Serve replica); a row's image does not depend on the rows beside
+it (up to rounding: +-1 of 255).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pandas as pd
 from mlflow.models import ModelSignature, set_model
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
+from neighbor_diffusion.config import MAX_SEED
 from neighbor_diffusion.tracking import PIPELINE_ARTIFACT
 
 SIGNATURE = ModelSignature(
@@ -35,6 +38,7 @@ SIGNATURE = ModelSignature(
             ColSpec("string", "prompt"),
             ColSpec(Array("binary"), "neighbor_images"),
             ColSpec(Array("string"), "neighbor_captions", required=False),
+            ColSpec("long", "seed", required=False),
         ]
     ),
     outputs=Schema([ColSpec("binary", "image")]),
@@ -62,33 +66,35 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         params = params or {}
         sampling = {k: params[k] for k in ("num_inference_steps",) if params.get(k, 0) > 0}
         sampling |= {k: params[k] for k in ("text_guidance", "neighbor_guidance") if params.get(k, -1) >= 0}
-        seed = int(params.get("seed", 0))
+        seed = _seed(params.get("seed", 0), "params: seed")
         rows = pd.DataFrame(model_input).to_dict("records")
         for i, row in enumerate(rows):  # every row checked before any is sampled: a bad row 900 loses nothing
-            self._inputs(i, row)
+            self._inputs(i, row, seed)
+        # interleaved guidance draws its per-step choices from a call's first seed (as on a Serve replica)
+        per_seed = self.pipe.config.diffusion.guidance_mode == "interleaved"
         images: list[bytes] = [b""] * len(rows)
         step = self.pipe.config.serve.max_batch_size  # rows per generate() call, as a Serve replica batches
         for start in range(0, len(rows), step):
-            by_count: dict[int, list[int]] = defaultdict(list)  # rows batch when their neighbor counts match
-            prompts, features = {}, {}
+            groups: dict[tuple, list[int]] = defaultdict(list)  # rows batch when their neighbor counts match
+            prompts, features, seeds = {}, {}, {}
             for i in range(start, min(start + step, len(rows))):
-                prompts[i], neighbors, captions = self._inputs(i, rows[i])
+                prompts[i], neighbors, captions, seeds[i] = self._inputs(i, rows[i], seed)
                 features[i] = self.pipe.encode_neighbor_set(neighbors, captions) if neighbors else None
-                by_count[len(neighbors)].append(i)
-            for count, members in by_count.items():
+                groups[len(neighbors), seeds[i] if per_seed else None].append(i)
+            for (count, _), members in groups.items():
                 x = self.pipe.generate(
                     [prompts[i] for i in members],
                     NeighborFeatures.cat([features[i] for i in members]) if count else None,
-                    [seed] * len(members),
+                    [seeds[i] for i in members],
                     **sampling,
                 )
                 for i, image in zip(members, x):
                     images[i] = encode_png(to_pil(image))
         return pd.DataFrame({"image": images})
 
-    def _inputs(self, i: int, row: dict) -> tuple[str, list, list[str] | None]:
-        """Row i's prompt, decoded neighbor images and captions, checked as the pipeline checks them
-        (errors name the row and the field)."""
+    def _inputs(self, i: int, row: dict, seed: int) -> tuple[str, list, list[str] | None, int]:
+        """Row i's prompt, decoded neighbor images and captions, and seed (`seed` where the row has none),
+        checked as the pipeline and the server check them (errors name the row and the field)."""
         from neighbor_diffusion.data.images import decode_image
 
         prompt = row.get("prompt")
@@ -101,7 +107,14 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         captions = _as_list(row.get("neighbor_captions")) or None
         if captions is not None and len(captions) != len(neighbors):
             raise ValueError(f"row {i}: neighbor_captions: got {len(captions)} for {len(neighbors)} neighbor_images")
-        return prompt, neighbors, captions
+        return prompt, neighbors, captions, _seed(row["seed"], f"row {i}: seed") if "seed" in row else seed
+
+
+def _seed(value, field: str) -> int:
+    """A seed in the server's range."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{field}: got {value!r}, need an integer in 0..{MAX_SEED}")
+    return int(value)
 
 
 def _as_list(value) -> list:
