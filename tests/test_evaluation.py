@@ -196,7 +196,13 @@ def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debu
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     debug_pipe.save_pretrained(tmp_path / "pipe")
-    version = tracking.register_pipeline(tracking.start_run("train", "train"), tmp_path / "pipe", "nd-eval")
+    import mlflow
+
+    train_run = tracking.start_run("train", "train")
+    with mlflow.start_run(run_name="notebook") as notebook:  # a caller's own run, active meanwhile
+        version = tracking.register_pipeline(train_run, tmp_path / "pipe", "nd-eval")
+        assert mlflow.active_run().info.run_id == notebook.info.run_id
+    assert version.run_id == train_run
     from jobs import evaluate
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)

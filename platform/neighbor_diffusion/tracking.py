@@ -98,7 +98,8 @@ def register_pipeline(
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    # nested: a caller's own active run (a notebook's) stays active, and is not where the model goes
+    with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
         # no input example: MLflow would run the model on it here, on the driver (the signature is explicit)
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
