@@ -75,7 +75,7 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         images: list[bytes] = [b""] * len(rows)
         step = self.pipe.config.serve.max_batch_size  # rows per generate() call, as a Serve replica batches
         for start in range(0, len(rows), step):
-            groups: dict[tuple, list[int]] = defaultdict(list)  # rows batch when their neighbor counts match
+            groups: dict[tuple, list[int]] = defaultdict(list)  # rows with equal neighbor counts (and seeds) batch
             prompts, features, seeds = {}, {}, {}
             for i in range(start, min(start + step, len(rows))):
                 prompts[i], neighbors, captions, seeds[i] = self._inputs(i, rows[i], seed)
