@@ -295,11 +295,28 @@ def test_a_bad_setting_ends_a_job_or_the_server_in_one_line_naming_it(debug_data
     """Settings the driver checks end the command as argparse's own errors do (`prog: error: ...`, exit 2),
     before the work starts, not as a traceback or a failed deployment."""
     from jobs import evaluate, prepare_data, train
+    from neighbor_diffusion import tracking
     from neighbor_diffusion.config import debug
     from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
     from serving import app
 
+    # a models:/ URI where there is no store (the default one, in the working dir): said, and none made by asking
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for main, argv in [
+        (evaluate.main, ["--model", "models:/nd-none@candidate"]),
+        (app.main, ["--serve.model_uri", "models:/nd-none/3"]),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and last.endswith(
+            f"='{argv[1]}': no MLflow store: {tmp_path / 'mlflow.db'} does not exist (the default store, mlflow.db in "
+            "the working directory: run where the model was trained, or set MLFLOW_TRACKING_URI)"
+        ), last
+    assert not (tmp_path / "mlflow.db").exists()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    tracking.setup("nd-test")  # the store exists from here on
     NeighborDiffusionPipeline.from_config(debug()).save_pretrained(tmp_path / "pipe")
     cases = [
         (train.main, ["--preset", "debug", "--train.steps", "0"], r"train\.steps=0: must be >= 1"),

@@ -128,12 +128,22 @@ def is_registry_uri(uri: str) -> bool:
 
 def check_registry_uri(uri: str, field: str = "model_uri") -> None:
     """A `models:/` or `runs:/` URI names a model version, logged model or run in `tracking_uri()`'s store
-    (asked of the store, nothing downloaded); else FileNotFoundError naming `field`, the URI and the store."""
+    (asked of the store, nothing downloaded); else FileNotFoundError naming `field`, the URI and the store.
+    A SQLite store whose file does not exist is that error too (not a new, empty store made by asking)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    client = MlflowClient(tracking_uri())
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and not (db := Path(store.removeprefix("sqlite:///"))).exists():
+        where = (
+            f"MLFLOW_TRACKING_URI={store}"
+            if os.environ.get("MLFLOW_TRACKING_URI")
+            else f"the default store, {DEFAULT_DB} in the working directory: run where the model was trained, "
+            "or set MLFLOW_TRACKING_URI"
+        )
+        raise FileNotFoundError(f"{field}={uri!r}: no MLflow store: {db} does not exist ({where})")
+    client = MlflowClient(store)
     try:
         if uri.startswith("runs:/"):
             client.get_run(uri.removeprefix("runs:/").split("/")[0])
@@ -144,7 +154,7 @@ def check_registry_uri(uri: str, field: str = "model_uri") -> None:
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        raise FileNotFoundError(f"{field}={uri!r}: {e.message} (MLflow store {tracking_uri()})") from None
+        raise FileNotFoundError(f"{field}={uri!r}: {e.message} (MLflow store {store})") from None
 
 
 def model_version(uri: str):
