@@ -135,7 +135,8 @@ def check_registry_uri(uri: str, field: str = "model_uri") -> None:
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     store = tracking_uri()
-    if store.startswith("sqlite:///") and not (db := Path(store.removeprefix("sqlite:///"))).exists():
+    db = Path(store.removeprefix("sqlite:///").split("?")[0])  # a file's path (with SQLAlchemy's query left off)
+    if store.startswith("sqlite:///") and str(db) != ":memory:" and not db.exists():
         where = (
             f"MLFLOW_TRACKING_URI={store}"
             if os.environ.get("MLFLOW_TRACKING_URI")
