@@ -33,6 +33,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (SQLAlchemy's `?query` left off), else None."""
+    return Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None
+
+
 def setup(experiment: str, uri: str | None = None):
     """Point MLflow at the store and make sure the experiment exists; returns its id. A new experiment in a
     SQLite store keeps its artifacts in `mlartifacts/` beside the database file (not in the working dir)."""
@@ -41,9 +46,8 @@ def setup(experiment: str, uri: str | None = None):
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / DEFAULT_ARTIFACTS).as_uri()
+        db = sqlite_file(uri)
+        location = (db.resolve().parent / DEFAULT_ARTIFACTS).as_uri() if db is not None else None
         mlflow.create_experiment(experiment, artifact_location=location)
     return mlflow.set_experiment(experiment).experiment_id
 
@@ -135,8 +139,7 @@ def check_registry_uri(uri: str, field: str = "model_uri") -> None:
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     store = tracking_uri()
-    db = Path(store.removeprefix("sqlite:///").split("?")[0])  # a file's path (with SQLAlchemy's query left off)
-    if store.startswith("sqlite:///") and str(db) != ":memory:" and not db.exists():
+    if (db := sqlite_file(store)) is not None and str(db) != ":memory:" and not db.exists():
         where = (
             f"MLFLOW_TRACKING_URI={store}"
             if os.environ.get("MLFLOW_TRACKING_URI")
