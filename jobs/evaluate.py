@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
             ours = result.table[0]  # the neighbor model's row
             tags = {"eval.run_id": run_id, "eval.quick": args.quick, "eval.samples": int(ours["samples"])}
             tags |= {f"eval.{k}": f"{ours[k]:.3f}" for k in ("identity", "text_fidelity", "copy_rate")}
+            client = MlflowClient()
             for key, value in tags.items():
-                MlflowClient().set_model_version_tag(version.name, version.version, key, str(value))
+                client.set_model_version_tag(version.name, version.version, key, str(value))
         tracking.log_table(run_id, result.table, "results_table.json")
         tracking.log_files(run_id, [json_path, md_path, grid_path, out / "scores.jsonl"], "report")
         tracking.end_run(run_id)
