@@ -189,6 +189,7 @@ def test_dreambooth_finetune_learns_the_subject_and_leaves_the_model_alone(debug
 
 
 def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debug_pipe):
+    import mlflow
     import ray
 
     from neighbor_diffusion import tracking
@@ -196,8 +197,6 @@ def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debu
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     debug_pipe.save_pretrained(tmp_path / "pipe")
-    import mlflow
-
     train_run = tracking.start_run("train", "train")
     with mlflow.start_run(run_name="notebook") as notebook:  # a caller's own run, active meanwhile
         version = tracking.register_pipeline(train_run, tmp_path / "pipe", "nd-eval")
