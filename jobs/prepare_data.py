@@ -2,6 +2,7 @@
 
     python jobs/prepare_data.py --preset cpu [--data.root data]
     python jobs/prepare_data.py --preset cpu --data.input /path/to/img2dataset/output [--data.input_format parquet]
+    python jobs/prepare_data.py --preset cpu --data.root s3://bucket/nd [--data.input s3://bucket/crawl]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/prepare_data.py --preset cpu --data.root /abs/path/data
 
@@ -36,8 +37,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config.from_cli_args(args)
         if cfg.data.input:
             mining.crawl_files(cfg.data.input, cfg.data.input_format)  # before Ray starts, not in the mining
-    paths = mining.layout(cfg)
-    paths["base"].mkdir(parents=True, exist_ok=True)
+        paths = mining.layout(cfg)  # data.root may be a filesystem URI: s3://bucket/prefix (see data/storage.py)
+        try:
+            paths["base"].mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. no such bucket, no access
+            raise config.ConfigError(f"data.root={cfg.data.root!r}: {e}") from None
 
     if not cfg.data.input:
         summary = crawl.generate_crawl(cfg, paths["base"])

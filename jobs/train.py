@@ -3,9 +3,9 @@
     python jobs/train.py --preset cpu                      # local: starts Ray in process
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py --preset debug
 
-Reads `<data.root>/clusters` (written by jobs/prepare_data.py), trains with Ray Train +
-DeepSpeed, logs to MLflow, exports the EMA pipeline and registers it as
-`models:/<train.registered_model>@candidate`.
+Reads `<data.root>/<preset>/clusters` (written by jobs/prepare_data.py; data.root is a folder or a
+URI such as s3://bucket/prefix), trains with Ray Train + DeepSpeed, logs to MLflow, exports the EMA
+pipeline and registers it as `models:/<train.registered_model>@candidate`.
 """
 
 from __future__ import annotations
@@ -27,20 +27,20 @@ from neighbor_diffusion.training import trainer  # noqa: E402
 
 def _train(cfg: C.Config, *, register: bool) -> trainer.TrainOutcome:
     """The mined clusters as a Ray Data stream, trained on (`trainer.train`)."""
-    trainer.start_ray(cfg)
-    from ray.data import DataContext
-
     from neighbor_diffusion.data.mining import layout
     from neighbor_diffusion.data.stream import training_dataset
 
-    DataContext.get_current().enable_progress_bars = False  # the job log shows training progress instead
-    paths = layout(cfg)
+    paths = layout(cfg)  # data.root may be a filesystem URI (s3://bucket/prefix): read before Ray starts
     if not paths["manifest"].is_file():
         raise SystemExit(
             f"no mined clusters at {paths['base']}: run `python jobs/prepare_data.py --preset "
             f"{cfg.preset} --data.root {cfg.data.root}` first"
         )
     num_clusters = json.loads(paths["manifest"].read_text())["clusters_out"]
+    trainer.start_ray(cfg)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # the job log shows training progress instead
     epochs = trainer.epochs_needed(cfg, num_clusters)
     print(f"[train] {num_clusters} clusters from {paths['clusters']}, {epochs} epochs for {cfg.train.steps} steps")
     dataset = training_dataset(str(paths["clusters"]), cfg, seed=cfg.train.seed, num_epochs=epochs)

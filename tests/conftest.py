@@ -1,4 +1,4 @@
-"""Shared fixtures: the debug preset, a tiny model, a random batch."""
+"""Shared fixtures: the debug preset, a tiny model, a random batch, a local S3 store."""
 
 import os
 
@@ -88,3 +88,33 @@ def local_ray():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 store on 127.0.0.1 (moto's server, in a thread of this process) with a bucket `nd-test`, and the
+    AWS settings that reach it (`AWS_ENDPOINT_URL`, test credentials) in os.environ while it runs, as a user
+    of an S3-compatible store (MinIO) sets them; `s3.env` holds them for subprocesses."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="nd-test")
+    server.env = env
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()

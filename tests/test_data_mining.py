@@ -182,3 +182,47 @@ def test_cluster_shards_follow_the_schema(mined):
         assert Image.open(io.BytesIO(r["images"][0])).size == (S, S)
         pages = {truth[k]["canonical_page_url"] for k in r["keys"] if k in truth}
         assert len(pages) == 1  # one cluster = one page, however its URL was spelled
+
+
+def test_data_on_object_storage_is_the_data_on_disk(mined, s3):
+    """data.root on S3 (a local S3 store): the crawl, the mining and the training stream read and write there,
+    and give what they give on a local folder, to the byte."""
+    import ray
+
+    from neighbor_diffusion.config import ConfigError
+    from neighbor_diffusion.data import storage, stream
+
+    cfg, out, manifest = mined
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root="s3://nd-test/data"))
+    root = mining.layout(cfg)["base"]
+    assert str(root) == "s3://nd-test/data/debug" and storage.location(str(root)) == root
+    crawl.generate_crawl(cfg, root)
+    assert (root / "world.json").read_text() == (out / "world.json").read_text()
+    assert [f.rsplit("/", 1)[1] for f in mining.crawl_files(root / "crawl", "webdataset")] == sorted(
+        p.name for p in (out / "crawl").glob("*.tar")
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_s3 = mining.mine(cfg)  # data.root's layout: crawl, ground truth and clusters on S3
+        first = {}
+        for where in (root / "clusters", out / "clusters"):
+            dataset = stream.training_dataset(str(where), cfg, seed=0, num_epochs=1)
+            batch = next(iter(dataset.iter_batches(batch_size=4)))
+            first[str(where)] = batch
+    finally:
+        ray.shutdown()
+    keys = ("pairs_in", "pairs_valid", "pairs_out", "clusters_out", "pairs_dropped_by_reason", "filter")
+    assert {k: on_s3[k] for k in keys} == {k: manifest[k] for k in keys}
+    assert on_s3["clusters_dir"] == "s3://nd-test/data/debug/clusters"
+    assert json.loads((root / "manifest.json").read_text())["clusters_out"] == manifest["clusters_out"]
+    assert stream.load_clusters(root / "clusters") == stream.load_clusters(out / "clusters")
+    s3_batch, local_batch = first.values()
+    assert s3_batch.keys() == local_batch.keys()
+    for k in s3_batch:
+        np.testing.assert_array_equal(s3_batch[k], local_batch[k], err_msg=k)
+
+    # a place that is not there: said, naming the setting
+    with pytest.raises(FileNotFoundError, match=r"data\.input='s3://nd-test/none': no such folder"):
+        mining.crawl_files("s3://nd-test/none", "webdataset")
+    with pytest.raises(ConfigError, match=r"data\.root='nope://x': cannot open it"):
+        mining.layout(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root="nope://x")))

@@ -176,8 +176,14 @@ def _kill_head(temp_dir: Path) -> None:
             pass
 
 
-def test_ray_job_submit_against_a_local_head(debug_data, tmp_path):
+def test_ray_job_submit_against_a_local_head(debug_data, tmp_path, s3):
+    """`ray job submit` of the training job to a head node, reading its data from object storage (S3 on
+    127.0.0.1), as on a cluster whose nodes share no disk."""
+    import pyarrow.fs as pafs
     import yaml
+
+    bucket = pafs.S3FileSystem(endpoint_override=s3.env["AWS_ENDPOINT_URL"], region="us-east-1")
+    pafs.copy_files(str(debug_data), "nd-test/job-data", destination_filesystem=bucket)
 
     bin_dir = str(Path(sys.executable).parent)
     env = {**ENV, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
@@ -207,6 +213,7 @@ def test_ray_job_submit_against_a_local_head(debug_data, tmp_path):
     try:
         runtime_env = yaml.safe_load((ROOT / "infra/runtime_env/local.yaml").read_text())
         runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+        runtime_env["env_vars"].update(s3.env)  # the S3 endpoint and credentials, for the driver and its workers
         (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
         submit_cmd = [
             f"{bin_dir}/ray",
@@ -222,7 +229,7 @@ def test_ray_job_submit_against_a_local_head(debug_data, tmp_path):
             "--preset",
             "debug",
             "--data.root",
-            str(debug_data),
+            "s3://nd-test/job-data",
             "--train.storage_path",
             str(tmp_path / "runs"),
             "--train.steps",
@@ -241,6 +248,7 @@ def test_ray_job_submit_against_a_local_head(debug_data, tmp_path):
                 break
             time.sleep(2)
         assert submit.returncode == 0 and "succeeded" in out, out[-4000:]
+        assert "clusters from s3://nd-test/job-data/debug/clusters" in out, out[-4000:]
         assert "[train] step 4/4" in out and "registered neighbor-diffusion version 1" in out, out[-4000:]
     finally:
         _kill_head(temp_dir)
@@ -291,7 +299,7 @@ def test_two_node_cluster_places_workers_on_both_nodes(tmp_path, monkeypatch):
         cluster.shutdown()
 
 
-def test_a_bad_setting_ends_a_job_or_the_server_in_one_line_naming_it(debug_data, tmp_path, monkeypatch, capsys):
+def test_a_bad_setting_ends_a_job_or_the_server_in_one_line_naming_it(debug_data, tmp_path, monkeypatch, capsys, s3):
     """Settings the driver checks end the command as argparse's own errors do (`prog: error: ...`, exit 2),
     before the work starts, not as a traceback or a failed deployment."""
     from jobs import evaluate, prepare_data, train
@@ -324,6 +332,16 @@ def test_a_bad_setting_ends_a_job_or_the_server_in_one_line_naming_it(debug_data
             prepare_data.main,
             ["--preset", "debug", "--data.input", str(tmp_path / "crawl")],
             r"data\.input='.*crawl': no such folder \(data\.input_format=webdataset\)",
+        ),
+        (
+            prepare_data.main,
+            ["--preset", "debug", "--data.root", "s3://nd-none/data"],
+            r"data\.root='s3://nd-none/data': .*Bucket 'nd-none' not found.*",
+        ),
+        (
+            train.main,
+            ["--preset", "debug", "--data.root", "nope://data"],
+            r"data\.root='nope://data': cannot open it .*",
         ),
         (evaluate.main, ["--model", str(tmp_path / "nope")], r"--model='.*nope': not a pipeline folder"),
         (

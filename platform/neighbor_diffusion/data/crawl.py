@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from neighbor_diffusion.config import Config
-from neighbor_diffusion.data import world
+from neighbor_diffusion.data import storage, world
+from neighbor_diffusion.data.storage import Location
 
 JUNK_CAPTIONS = ("IMG_{n}.JPG", "DSC{n:05d}.jpg", "buy now", "click here", "", "image", "product photo", "untitled")
 CRAWL_IMAGE_SIZES = (64, 80, 96, 128, 160)
@@ -259,7 +259,9 @@ def _caption_bytes(caption: str | bytes) -> bytes:
     return caption if isinstance(caption, bytes) else caption.encode()
 
 
-def write_crawl(records: list[dict[str, Any]], crawl_dir: Path, fmt: str, pairs_per_shard: int) -> list[dict]:
+def write_crawl(
+    records: list[dict[str, Any]], crawl_dir: Path | Location, fmt: str, pairs_per_shard: int
+) -> list[dict]:
     """Shard the records (keys as img2dataset makes them: shard id + index); returns ground-truth rows."""
     crawl_dir.mkdir(parents=True, exist_ok=True)
     normal = [r for r in records if "duplicate_of" not in r]
@@ -281,11 +283,13 @@ def write_crawl(records: list[dict[str, Any]], crawl_dir: Path, fmt: str, pairs_
             truth_rows.append({"key": key, "shard": s, **{k: v for k, v in r["truth"].items() if k != "mode"},
                                "mode": r["truth"].get("mode", "")})  # fmt: skip
         if fmt == "webdataset":
-            with tarfile.open(crawl_dir / f"{s:05d}.tar", "w") as tf:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tf:
                 for key, r in rows:
                     _add(tf, f"{key}.{r['ext']}", r["image"])
                     _add(tf, f"{key}.txt", _caption_bytes(r["caption"]))
                     _add(tf, f"{key}.json", json.dumps(_meta(r, key)).encode())
+            (crawl_dir / f"{s:05d}.tar").write_bytes(buf.getvalue())
         elif fmt == "parquet":
             metas = [_meta(r, key) for key, r in rows]
             table = pa.table(
@@ -299,13 +303,13 @@ def write_crawl(records: list[dict[str, Any]], crawl_dir: Path, fmt: str, pairs_
                     "height": pa.array([m["height"] for m in metas], pa.int64()),
                 }
             )
-            pq.write_table(table, crawl_dir / f"{s:05d}.parquet")
+            storage.write_table(table, crawl_dir / f"{s:05d}.parquet")
         else:
             raise ValueError(f"data.input_format={fmt!r}: must be 'webdataset' or 'parquet'")
     return truth_rows
 
 
-def write_truncated_shard(crawl_dir: Path, rng: np.random.Generator, n: int = 6) -> list[dict[str, Any]]:
+def write_truncated_shard(crawl_dir: Path | Location, rng: np.random.Generator, n: int = 6) -> list[dict[str, Any]]:
     """A tar of noise records cut mid-record, as an interrupted download leaves it. Returns their truth rows."""
     truth = []
     buf = io.BytesIO()
@@ -324,14 +328,13 @@ def write_truncated_shard(crawl_dir: Path, rng: np.random.Generator, n: int = 6)
     return truth
 
 
-def generate_crawl(cfg: Config, out_dir: str | Path, fmt: str | None = None) -> dict[str, Any]:
-    """Write crawl shards, ground truth and the world manifest under `out_dir`; returns a summary."""
-    out = Path(out_dir)
+def generate_crawl(cfg: Config, out_dir: str | Path | Location, fmt: str | None = None) -> dict[str, Any]:
+    """Write crawl shards, ground truth and the world manifest under `out_dir` (a folder or a
+    filesystem URI: see `storage`); returns a summary."""
+    out = storage.location(out_dir)
     fmt = fmt or cfg.data.input_format
     crawl_dir = out / "crawl"
-    if crawl_dir.exists():
-        for f in crawl_dir.iterdir():  # stale shards from a bigger crawl would be read too
-            f.unlink()
+    storage.remove_files(crawl_dir)  # stale shards from a bigger crawl would be read too
     records = build_pages(cfg)
     truth = write_crawl(records, crawl_dir, fmt, cfg.data.pairs_per_shard)
     truncated = 0
@@ -339,7 +342,7 @@ def generate_crawl(cfg: Config, out_dir: str | Path, fmt: str | None = None) -> 
         rows = write_truncated_shard(crawl_dir, np.random.default_rng(world.derive_seed(cfg.data.seed, "trunc")))
         truth += rows
         truncated = len(rows)
-    pq.write_table(pa.Table.from_pylist(truth), out / "ground_truth.parquet")
+    storage.write_table(pa.Table.from_pylist(truth), out / "ground_truth.parquet")
     (out / "world.json").write_text(json.dumps(world.world_manifest(cfg), indent=1))
     kinds: dict[str, int] = {}
     for t in truth:

@@ -34,11 +34,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from neighbor_diffusion.config import Config
+from neighbor_diffusion.data import storage
 from neighbor_diffusion.data.images import ImageError, decode_image, encode_png, square
+from neighbor_diffusion.data.storage import Location
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 OK = "ok"
@@ -458,12 +459,13 @@ def _parquet_flagged(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     return {k: [r[k] for r in rows] for k in rows[0]} if rows else out
 
 
-def layout(cfg: Config) -> dict[str, Path]:
-    """Where a preset's data lives: <data.root>/<preset>/{crawl, ground_truth.parquet, world.json, clusters, ...}."""
-    base = Path(cfg.data.root) / cfg.preset
+def layout(cfg: Config) -> dict[str, Path | Location]:
+    """Where a preset's data lives: <data.root>/<preset>/{crawl, ground_truth.parquet, world.json, clusters, ...};
+    `data.root` and `data.input` may be filesystem URIs (s3://bucket/prefix: see `storage`)."""
+    base = storage.location(cfg.data.root, "data.root") / cfg.preset
     return {
         "base": base,
-        "crawl": Path(cfg.data.input) if cfg.data.input else base / "crawl",
+        "crawl": storage.location(cfg.data.input, "data.input") if cfg.data.input else base / "crawl",
         "ground_truth": base / "ground_truth.parquet",
         "world": base / "world.json",
         "clusters": base / "clusters",
@@ -471,25 +473,29 @@ def layout(cfg: Config) -> dict[str, Path]:
     }
 
 
-def crawl_files(input_dir: str | Path, fmt: str) -> list[str]:
+def crawl_files(input_dir: str | Path | Location, fmt: str) -> list[str]:
     """The crawl's shard files under `data.input` (.tar for webdataset, else .parquet); FileNotFoundError if none."""
     ext = ".tar" if fmt == "webdataset" else ".parquet"
-    files = sorted(str(p) for p in Path(input_dir).rglob(f"*{ext}"))
+    input_dir = storage.location(input_dir, "data.input")
+    try:
+        files = storage.files(input_dir, ext)
+        why = "" if files else "no such folder" if not input_dir.is_dir() else f"no {ext} files in it"
+    except OSError as e:  # an object store that refuses: no bucket, no access
+        files, why = [], str(e)
     if not files:
-        why = "no such folder" if not Path(input_dir).is_dir() else f"no {ext} files in it"
         raise FileNotFoundError(f"data.input={str(input_dir)!r}: {why} (data.input_format={fmt})")
     return files
 
 
-def read_crawl(input_dir: Path, fmt: str):
+def read_crawl(input_dir: Path | Location, fmt: str):
     """The crawl as a Ray Dataset of records (key, shard, index, image, ext, caption, meta, has_*)."""
     import ray
 
-    files = crawl_files(input_dir, fmt)
+    files, fs = crawl_files(input_dir, fmt), storage.filesystem(input_dir)
     if fmt == "webdataset":
-        ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=len(files))
+        ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=len(files), filesystem=fs)
         return ds.flat_map(_read_tar_flagged), len(files)
-    ds = ray.data.read_parquet(files, include_paths=True)
+    ds = ray.data.read_parquet(files, include_paths=True, filesystem=fs)
     ds = ds.map_batches(_with_shard_index, batch_format="numpy")
     return ds.map_batches(_parquet_flagged, batch_format="numpy"), len(files)
 
@@ -502,11 +508,11 @@ def _with_shard_index(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
-def _truth_table(path: Path) -> dict[str, dict[str, Any]] | None:
+def _truth_table(path: Path | Location) -> dict[str, dict[str, Any]] | None:
     if not path.is_file():
         return None
     truth: dict[str, dict[str, Any]] = {}
-    for row in pq.read_table(path).to_pylist():
+    for row in storage.read_table(path).to_pylist():
         if row["bad"] == "" and row["key"] not in truth:
             truth[row["key"]] = row
     return truth
@@ -525,16 +531,17 @@ def _scores(pos: list[bool], pred: list[bool]) -> dict[str, float | int]:
     }
 
 
-def mine(cfg: Config, input_dir: str | Path | None = None, out_dir: str | Path | None = None,
-         truth_path: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run the mining job on the current Ray cluster; writes cluster shards + manifest.json, returns the manifest."""
+def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: str | Path | Location | None = None,
+         truth_path: str | Path | Location | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run the mining job on the current Ray cluster; writes cluster shards + manifest.json, returns the manifest.
+    Folders may be filesystem URIs (see `storage`)."""
     import pandas as pd
     import ray
 
     paths = layout(cfg)
-    input_dir = Path(input_dir or paths["crawl"])
-    out_dir = Path(out_dir or paths["base"])
-    truth_path = Path(truth_path) if truth_path else paths["ground_truth"]
+    input_dir = storage.location(input_dir or paths["crawl"], "data.input")
+    out_dir = storage.location(out_dir or paths["base"], "data.root")
+    truth_path = storage.location(truth_path) if truth_path else paths["ground_truth"]
     clusters_dir = out_dir / "clusters"
     d, size = cfg.data, cfg.model.image_size
     t0 = time.perf_counter()
@@ -582,9 +589,7 @@ def mine(cfg: Config, input_dir: str | Path | None = None, out_dir: str | Path |
     gstats = groups.select_columns(["cluster_id", "status", "num_members", "keys", "rejected_keys"]).to_pandas()
 
     # 4. caption embeddings (actor pool) -> Parquet cluster shards
-    if clusters_dir.exists():
-        for f in clusters_dir.glob("*.parquet"):
-            f.unlink()
+    storage.remove_files(clusters_dir, ".parquet")
     good_groups = groups.filter(expr=f"status == '{OK}'").drop_columns(["status", "rejected_keys"])
     encoded = good_groups.map_batches(
         CaptionEncoder,
@@ -594,7 +599,9 @@ def mine(cfg: Config, input_dir: str | Path | None = None, out_dir: str | Path |
         compute=ray.data.ActorPoolStrategy(size=d.encode_actors),
         num_cpus=1,
     )
-    encoded.write_parquet(str(clusters_dir), min_rows_per_file=256)
+    encoded.write_parquet(
+        storage.ray_path(clusters_dir), filesystem=storage.filesystem(clusters_dir), min_rows_per_file=256
+    )
     wall = time.perf_counter() - t0
 
     # 5. manifest: counts in/out, drops by reason, filter scores against ground truth

@@ -32,15 +32,18 @@ from PIL import Image
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from neighbor_diffusion.config import Config
+from neighbor_diffusion.data import storage
 from neighbor_diffusion.data.images import square
+from neighbor_diffusion.data.storage import Location
 from neighbor_diffusion.data.world import derive_seed
 
 # captions that a mirror image would make false: sides, and text that would read backwards
 _SIDED = re.compile(r"\b(left|right|text|sign|letters?|logo|written|reads?)\b", re.I)
 
 
-def shard_files(shard_dir: str | Path) -> list[Path]:
-    files = sorted(Path(shard_dir).rglob("*.parquet"))
+def shard_files(shard_dir: str | Path | Location) -> list[str]:
+    """The cluster shards under `shard_dir` (a folder or a filesystem URI: see `storage`)."""
+    files = storage.files(shard_dir, ".parquet")
     if not files:
         raise FileNotFoundError(
             f"shard_dir={str(shard_dir)!r}: no cluster shards (*.parquet); run jobs/prepare_data.py"
@@ -48,9 +51,10 @@ def shard_files(shard_dir: str | Path) -> list[Path]:
     return files
 
 
-def load_clusters(shard_dir: str | Path) -> list[dict[str, Any]]:
+def load_clusters(shard_dir: str | Path | Location) -> list[dict[str, Any]]:
     """All cluster rows (CLUSTER_SCHEMA dicts), sorted by cluster_id. For small data and tests."""
-    rows = [r for f in shard_files(shard_dir) for r in pq.read_table(f).to_pylist()]
+    fs = storage.filesystem(shard_dir)
+    rows = [r for f in shard_files(shard_dir) for r in pq.read_table(f, filesystem=fs).to_pylist()]
     return sorted(rows, key=lambda r: r["cluster_id"])
 
 
@@ -175,7 +179,7 @@ def training_dataset(shard_dir: str, cfg: Config, seed: int, num_epochs: int, ex
 
     if num_epochs < 1:
         raise ValueError(f"num_epochs={num_epochs}: must be >= 1")
-    files = [str(f) for f in shard_files(shard_dir)]
+    files, fs = shard_files(shard_dir), storage.filesystem(shard_dir)
     # Same seed, same order: the cluster rows must keep the files' order, and the examples their
     # numbers' order. Datasets copy the current DataContext when they are created, so set it for their
     # creation and restore it (Ray Train's split replaces the execution options: trainer.ingest_config
@@ -185,7 +189,7 @@ def training_dataset(shard_dir: str, cfg: Config, seed: int, num_epochs: int, ex
     context.execution_options.preserve_order = True
     context.custom_execution_callback_classes = [*saved[1], _PacedScheduling]
     try:
-        clusters = ray.data.read_parquet(files).materialize()
+        clusters = ray.data.read_parquet(files, filesystem=fs).materialize()
         blocks = clusters.to_arrow_refs()
         count = ray.remote(num_cpus=0)(_num_rows)  # counted where the blocks lie, not fetched here
         ends = np.cumsum(ray.get([count.remote(b) for b in blocks]))

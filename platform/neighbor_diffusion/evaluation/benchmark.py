@@ -51,14 +51,13 @@ def context_key(context: world.Context | dict[str, Any]) -> tuple:
 
 def training_combinations(cfg: Config) -> set[tuple] | None:
     """Context keys of every subject image in the training crawl (its ground truth), or None if not mined here."""
+    from neighbor_diffusion.data import storage
     from neighbor_diffusion.data.mining import layout
 
     path = layout(cfg)["ground_truth"]
     if not path.is_file():
         return None
-    import pyarrow.parquet as pq
-
-    contexts = pq.read_table(path, columns=["context"]).column("context").to_pylist()
+    contexts = storage.read_table(path, columns=["context"]).column("context").to_pylist()
     return {context_key(json.loads(c)) for c in contexts if c}
 
 
