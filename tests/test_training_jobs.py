@@ -152,6 +152,29 @@ def test_rerun_of_a_killed_job_continues_from_its_checkpoint(debug_data, tmp_pat
     assert after and after == {s: v for s, v in _logged_losses(ref.stdout + ref.stderr).items() if s > resumed}
 
 
+def test_a_run_on_object_storage_resumes_its_mlflow_run_and_refuses_another_model(s3, tmp_path, monkeypatch, capsys):
+    """train.storage_path on S3 (infra/'s setting): a re-run finds the earlier run's checkpoint and MLflow run
+    there, and refuses a changed model, as with a local folder."""
+    from neighbor_diffusion.config import ConfigError, debug, override
+    from neighbor_diffusion.data import storage
+    from neighbor_diffusion.training import trainer
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = override(debug(), {"train.storage_path": "s3://nd-test/runs", "train.run_name": "resume-me"})
+    run_dir = storage.location(trainer.storage_root(cfg)) / "resume-me"
+    trainer.check_resumable(cfg, run_dir)  # nothing there yet
+    run_id = trainer._mlflow_run(cfg, run_dir)
+    assert (run_dir / "mlflow_run_id").read_text() == run_id and trainer._mlflow_run(cfg, run_dir) == run_id
+    progress = {"step": 4, "config": json.loads(json.dumps(cfg.to_dict()))}  # as the loop writes it
+    (run_dir / "checkpoint_2026-11-25_00-00-00.000000" / "progress.json").write_text(json.dumps(progress))
+    capsys.readouterr()
+    trainer.check_resumable(cfg, run_dir)
+    assert "s3://nd-test/runs/resume-me has a checkpoint at step 4: resuming from it" in capsys.readouterr().out
+    wider = override(cfg, {"model.block_out_channels": "16,48"})
+    with pytest.raises(ConfigError, match=r"s3://nd-test/runs/resume-me holds checkpoints of another model"):
+        trainer.check_resumable(wider, run_dir)
+
+
 def _logged_losses(log: str) -> dict[int, str]:
     """{step: loss as logged} from the job log's "[train] step N/M loss X" lines."""
     found = re.findall(r"\[train\] step (\d+)/\d+ loss (\S+)", log)
@@ -177,8 +200,8 @@ def _kill_head(temp_dir: Path) -> None:
 
 
 def test_ray_job_submit_against_a_local_head(debug_data, tmp_path, s3):
-    """`ray job submit` of the training job to a head node, reading its data from object storage (S3 on
-    127.0.0.1), as on a cluster whose nodes share no disk."""
+    """`ray job submit` of the training job to a head node, its data and its checkpoints on object storage (S3 on
+    127.0.0.1), as on a cluster whose nodes share no disk (infra/)."""
     import pyarrow.fs as pafs
     import yaml
 
@@ -231,7 +254,7 @@ def test_ray_job_submit_against_a_local_head(debug_data, tmp_path, s3):
             "--data.root",
             "s3://nd-test/job-data",
             "--train.storage_path",
-            str(tmp_path / "runs"),
+            "s3://nd-test/job-runs",
             "--train.steps",
             "4",
             "--train.checkpoint_every",
@@ -252,7 +275,16 @@ def test_ray_job_submit_against_a_local_head(debug_data, tmp_path, s3):
         assert "[train] step 4/4" in out and "registered neighbor-diffusion version 1" in out, out[-4000:]
     finally:
         _kill_head(temp_dir)
-    assert (tmp_path / "runs" / "neighbor-diffusion" / "pipeline" / "neighbor_diffusion.json").is_file()
+    # on S3: the checkpoint at step 4 and the MLflow run a re-run would continue
+    from mlflow import MlflowClient
+
+    from neighbor_diffusion.data import storage
+
+    run_dir = storage.location("s3://nd-test/job-runs/neighbor-diffusion")
+    progress = [p / "progress.json" for p in storage.children(run_dir) if p.name.startswith("checkpoint_")]
+    assert [json.loads(p.read_text())["step"] for p in progress if p.is_file()] == [4], progress
+    version = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_model_version("neighbor-diffusion", "1")
+    assert (run_dir / "mlflow_run_id").read_text() == version.run_id
 
 
 def test_two_node_cluster_places_workers_on_both_nodes(tmp_path, monkeypatch):

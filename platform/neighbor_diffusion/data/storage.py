@@ -1,7 +1,9 @@
 """Where the data jobs read and write: a local folder, or a URI of a filesystem pyarrow opens
 (`s3://bucket/prefix`, `gs://bucket/prefix`, `hdfs://host:port/path`, `file:///abs/path`): the
 filesystems Ray Data itself reads and writes with. On a cluster whose nodes share no disk, the
-data goes to object storage: `--data.root s3://bucket/nd` for jobs/prepare_data.py and jobs/train.py.
+data goes to object storage: `--data.root s3://bucket/nd` for jobs/prepare_data.py and jobs/train.py
+(and a training run's own files under `--train.storage_path s3://...`: its checkpoints, which Ray Train
+writes, and its MLflow run id, read when it resumes).
 
 Credentials and endpoints come from the filesystem's usual settings: for S3 the AWS environment
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; AWS_ENDPOINT_URL for an S3-compatible
@@ -122,6 +124,15 @@ def files(folder: str | Path | Location, suffix: str) -> list[str]:
         return sorted(str(p) for p in folder.rglob(f"*{suffix}") if p.is_file())
     infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=True, allow_not_found=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+def children(folder: str | Path | Location) -> list[Path | Location]:
+    """What `folder` holds directly (files and folders), sorted; none if it does not exist."""
+    folder = location(folder)
+    if isinstance(folder, Path):
+        return sorted(folder.iterdir()) if folder.is_dir() else []
+    infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
+    return sorted((folder / i.base_name for i in infos), key=str)
 
 
 def remove_files(folder: str | Path | Location, suffix: str = "") -> None:

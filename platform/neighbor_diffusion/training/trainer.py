@@ -19,6 +19,8 @@ from typing import Any
 
 from neighbor_diffusion import tracking
 from neighbor_diffusion.config import Config, ConfigError
+from neighbor_diffusion.data import storage
+from neighbor_diffusion.data.storage import Location
 from neighbor_diffusion.training import engine as E
 from neighbor_diffusion.training.loop import train_loop_per_worker
 
@@ -72,15 +74,16 @@ def storage_root(cfg: Config) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def _mlflow_run(cfg: Config, run_dir: Path | None) -> str:
-    """A new MLflow run, or the one this Ray run used before (resume keeps one MLflow run)."""
+def _mlflow_run(cfg: Config, run_dir: Path | Location) -> str:
+    """A new MLflow run, or the one this Ray run used before (resume keeps one MLflow run); `run_dir` may be
+    on object storage (a `train.storage_path` URI)."""
     import mlflow
     from mlflow import MlflowClient
 
     experiment_id = tracking.setup(EXPERIMENT)
-    marker = run_dir / "mlflow_run_id" if run_dir else None
+    marker = run_dir / "mlflow_run_id"
     client = MlflowClient()
-    if marker and marker.is_file():
+    if marker.is_file():
         run_id = marker.read_text().strip()
         try:
             client.get_run(run_id)
@@ -95,9 +98,8 @@ def _mlflow_run(cfg: Config, run_dir: Path | None) -> str:
     )
     logger = tracking.RunLogger(run.info.run_id, mlflow.get_tracking_uri())
     logger.params(cfg.flat())
-    if marker:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(run.info.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run.info.run_id)
     return run.info.run_id
 
 
@@ -213,9 +215,10 @@ def export_backbone(pipeline_dir: Path, out_file: Path, provenance: dict[str, st
     return out_file
 
 
-def check_resumable(cfg: Config, run_dir: Path) -> None:
+def check_resumable(cfg: Config, run_dir: Path | Location) -> None:
     """Say when this run name resumes an earlier run, and refuse one whose model differs from `cfg.model`."""
-    saved = [E.read_progress(p) for p in sorted(run_dir.glob("checkpoint_*")) if (p / E.PROGRESS_FILE).is_file()]
+    checkpoints = [p for p in storage.children(run_dir) if p.name.startswith("checkpoint_")]
+    saved = [E.read_progress(p) for p in checkpoints if (p / E.PROGRESS_FILE).is_file()]
     if not saved:
         return
     last = max(saved, key=lambda p: p["step"])
@@ -251,16 +254,15 @@ def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "c
     init_from, init_weights = E.read_init_from(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=init_from))
     start_ray(cfg)
-    root = storage_root(cfg)
-    run_dir = None if "://" in root else Path(root) / cfg.train.run_name
-    if run_dir is not None:
-        check_resumable(cfg, run_dir)
+    run_dir = storage.location(storage_root(cfg), "train.storage_path") / cfg.train.run_name  # a folder or a URI
+    check_resumable(cfg, run_dir)
     run_id = _mlflow_run(cfg, run_dir)
     init_ref = ray.put(init_weights) if init_weights else None
     result = build_trainer(cfg, datasets, run_id, init_ref).fit()
     if result.error:
         raise result.error
-    out_dir = (run_dir or Path("runs") / cfg.train.run_name) / "pipeline"
+    # the exported pipeline is a local folder (registered from there): beside the checkpoints, or in runs/
+    out_dir = (run_dir if isinstance(run_dir, Path) else Path("runs") / cfg.train.run_name) / "pipeline"
     with result.checkpoint.as_directory() as d:
         pipe = export_pipeline(cfg, Path(d), out_dir)
     logger = tracking.RunLogger(run_id, mlflow.get_tracking_uri())
