@@ -87,7 +87,7 @@ class Location:
 
 def location(where: str | Path | Location, field: str = "path") -> Path | Location:
     """A local path as a Path; a filesystem URI (`scheme://...`) as a Location. `field` names the
-    setting in the error when pyarrow has no filesystem for the URI."""
+    setting in the error when pyarrow cannot open the URI (no such filesystem, no region for the bucket)."""
     if isinstance(where, (Path, Location)):
         return where
     where = str(where)
@@ -139,7 +139,10 @@ def remove_files(folder: str | Path | Location, suffix: str = "") -> None:
     """Delete the files ending in `suffix` under `folder` (stale shards that a new write would sit beside)."""
     fs = filesystem(folder)
     for f in files(folder, suffix):
-        fs.delete_file(f) if fs else Path(f).unlink()
+        if fs is None:
+            Path(f).unlink()
+        else:
+            fs.delete_file(f)
 
 
 def read_table(where: str | Path | Location, **kwargs) -> pa.Table:
