@@ -43,7 +43,7 @@ def _train(cfg: C.Config, *, register: bool) -> trainer.TrainOutcome:
     DataContext.get_current().enable_progress_bars = False  # the job log shows training progress instead
     epochs = trainer.epochs_needed(cfg, num_clusters)
     print(f"[train] {num_clusters} clusters from {paths['clusters']}, {epochs} epochs for {cfg.train.steps} steps")
-    dataset = training_dataset(str(paths["clusters"]), cfg, seed=cfg.train.seed, num_epochs=epochs)
+    dataset = training_dataset(paths["clusters"], cfg, seed=cfg.train.seed, num_epochs=epochs)
     return trainer.train(cfg, {"train": dataset}, register=register)
 
 

@@ -137,6 +137,7 @@ def children(folder: str | Path | Location) -> list[Path | Location]:
 
 def remove_files(folder: str | Path | Location, suffix: str = "") -> None:
     """Delete the files ending in `suffix` under `folder` (stale shards that a new write would sit beside)."""
+    folder = location(folder)
     fs = filesystem(folder)
     for f in files(folder, suffix):
         if fs is None:
@@ -146,8 +147,10 @@ def remove_files(folder: str | Path | Location, suffix: str = "") -> None:
 
 
 def read_table(where: str | Path | Location, **kwargs) -> pa.Table:
+    where = location(where)
     return pq.read_table(ray_path(where), filesystem=filesystem(where), **kwargs)
 
 
 def write_table(table: pa.Table, where: str | Path | Location) -> None:
+    where = location(where)
     pq.write_table(table, ray_path(where), filesystem=filesystem(where))

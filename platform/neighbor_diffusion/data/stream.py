@@ -53,6 +53,7 @@ def shard_files(shard_dir: str | Path | Location) -> list[str]:
 
 def load_clusters(shard_dir: str | Path | Location) -> list[dict[str, Any]]:
     """All cluster rows (CLUSTER_SCHEMA dicts), sorted by cluster_id. For small data and tests."""
+    shard_dir = storage.location(shard_dir)  # a URI resolved once (for S3 that may ask for the bucket's region)
     fs = storage.filesystem(shard_dir)
     rows = [r for f in shard_files(shard_dir) for r in pq.read_table(f, filesystem=fs).to_pylist()]
     return sorted(rows, key=lambda r: r["cluster_id"])
@@ -167,7 +168,9 @@ def _num_rows(table) -> int:
     return table.num_rows
 
 
-def training_dataset(shard_dir: str, cfg: Config, seed: int, num_epochs: int, examples_per_task: int = 512):
+def training_dataset(
+    shard_dir: str | Path | Location, cfg: Config, seed: int, num_epochs: int, examples_per_task: int = 512
+):
     """A Ray Dataset of training examples: `num_epochs` passes, clusters shuffled per epoch.
 
     The compact cluster rows (PNG bytes, float16 states) are read once and held in the object
@@ -179,6 +182,7 @@ def training_dataset(shard_dir: str, cfg: Config, seed: int, num_epochs: int, ex
 
     if num_epochs < 1:
         raise ValueError(f"num_epochs={num_epochs}: must be >= 1")
+    shard_dir = storage.location(shard_dir)  # a URI resolved once
     files, fs = shard_files(shard_dir), storage.filesystem(shard_dir)
     # Same seed, same order: the cluster rows must keep the files' order, and the examples their
     # numbers' order. Datasets copy the current DataContext when they are created, so set it for their
