@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         manifest = mining.mine(cfg)
     finally:
         ray.shutdown()
-    keys = ("pairs_in", "pairs_out", "clusters_out", "pairs_dropped_by_reason", "pairs_per_s", "filter")
+    keys = ("pairs_in", "pairs_out", "clusters_out", "pairs_dropped_by_reason", "damaged_files", "pairs_per_s",
+            "filter")  # fmt: skip
     print(json.dumps({k: manifest.get(k) for k in keys}, indent=1))
     print(f"manifest: {paths['manifest']}")
 

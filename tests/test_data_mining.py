@@ -93,13 +93,63 @@ def test_parse_tar_truncated_and_duplicate_keys():
     for key in ("a1", "a2", "a2", "a3"):  # a2 twice: a duplicate key
         members += [(f"{key}.jpg", _jpeg()), (f"{key}.txt", b"a toy"), (f"{key}.json", b"{}")]
     data = _tar(members)
-    records, truncated = mining.parse_tar(data, "s.tar")
-    assert not truncated and [r["key"] for r in records] == ["a1", "a2", "a2", "a3"]
-    cut, truncated = mining.parse_tar(data[: len(data) // 2 + 7], "s.tar")
-    assert truncated and 1 <= len(cut) < 4  # what came before the cut is kept
+    records, damage = mining.parse_tar(data, "s.tar")
+    assert damage == "" and [r["key"] for r in records] == ["a1", "a2", "a2", "a3"]
+    cut, damage = mining.parse_tar(data[: len(data) // 2 + 7], "s.tar")
+    assert 1 <= len(cut) < 4  # what came before the cut is kept
+    assert damage.startswith("the tar is cut short") and f"({len(cut)} records before" in damage
     assert [r["key"] for r in cut] == ["a1", "a2", "a2", "a3"][: len(cut)]
-    header_cut, truncated = mining.parse_tar(data[:1100], "s.tar")  # cut inside a header: tarfile sees EOF
-    assert truncated
+    header_cut, damage = mining.parse_tar(data[:1100], "s.tar")  # cut inside a header: tarfile sees EOF
+    assert damage.startswith("the tar is cut short")
+
+
+def _parquet(table, row_group_size=2) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group_size)
+    return buf.getvalue()
+
+
+def test_parse_parquet_keeps_what_is_readable_and_names_what_is_not(tmp_path):
+    import pyarrow as pa
+
+    from neighbor_diffusion.config import ConfigError
+
+    page = "https://shop.example.com/p/1"
+    columns = {
+        "key": [f"k{i}" for i in range(6)],
+        "jpg": [_jpeg((40 * i, 0, 0)) for i in range(6)],
+        "caption": ["a photo of the toy"] * 6,  # img2dataset writes a string column
+        "page_url": [page] * 5 + [None],
+    }
+    data = _parquet(pa.table(columns))
+    records, damage = mining.parse_parquet(data, "00000.parquet")
+    assert damage == "" and [(r["key"], r["index"], r["shard"]) for r in records] == [
+        (f"k{i}", i, "00000.parquet") for i in range(6)
+    ]
+    statuses = [_status(r) for r in records]
+    assert statuses == [mining.OK] * 5 + ["missing_page_url"]  # a null page_url is no page_url
+    same, _ = mining.parse_parquet(_parquet(pa.table(columns | {"image": columns["jpg"]}).drop(["jpg"])), "i.parquet")
+    assert [r["image"] for r in same] == columns["jpg"]  # an `image` column serves as well as `jpg`
+
+    # a row group whose page header is damaged: the other row groups are kept, the file is named
+    pf = pq.ParquetFile(io.BytesIO(data))
+    start = pf.metadata.row_group(1).column(0).data_page_offset
+    broken = data[:start] + b"\xff" * 64 + data[start + 64 :]
+    kept, damage = mining.parse_parquet(broken, "00000.parquet")
+    assert [r["key"] for r in kept] == ["k0", "k1", "k4", "k5"]
+    assert damage.startswith("row group 1 of 3 unreadable: ") and damage.endswith("(4 records of the others kept)")
+    # an interrupted write: no footer, nothing readable
+    none, damage = mining.parse_parquet(data[: len(data) // 2], "00000.parquet")
+    assert none == [] and damage.startswith("unreadable as Parquet: ") and "footer" in damage
+    # another kind of table: nothing read, said by column, and by the job before it starts
+    other = _parquet(pa.table({"id": [1], "pixels": [b"x"]}))
+    assert mining.parse_parquet(other, "x.parquet") == (
+        [],
+        "no column key and no jpg (Parquet input needs key, jpg or image, caption, page_url)",
+    )
+    (tmp_path / "x.parquet").write_bytes(other)
+    with pytest.raises(ConfigError, match=r"data\.input='.*': x\.parquet has no column key and no jpg"):
+        mining.crawl_files(tmp_path, "parquet")
 
 
 def test_filter_group_drops_outliers_and_scores_coherence():
@@ -149,11 +199,13 @@ def test_mining_end_to_end_counts_every_bad_case(mined):
             assert drops.get(kind, 0) >= cfg.data.bad_records, (kind, drops)
         else:
             assert drops.get(kind) == cfg.data.bad_records, (kind, drops)
-    assert manifest["truncated_tars"] == 1
     assert set(manifest["converted_modes"]) == set(crawl.ODD_MODES)
-    # nothing good lost: every valid record of the crawl reached the filter
+    # nothing good lost: every valid record of the crawl reached the filter, the cut tar's readable ones too
     truth = pq.read_table(out / "ground_truth.parquet").to_pylist()
     readable_truncated = len(mining.parse_tar((out / "crawl" / "99999.tar").read_bytes(), "99999.tar")[0])
+    ((name, damage),) = manifest["damaged_files"].items()
+    assert name == "99999.tar" and damage.startswith("the tar is cut short")
+    assert f"({readable_truncated} records before" in damage
     good = [t for t in truth if t["bad"] == "" and not t["caption_junk"] and t["shard"] != 99999]
     assert manifest["pairs_valid"] == len(good) + readable_truncated
     assert manifest["pairs_in"] == manifest["pairs_valid"] + sum(
@@ -182,6 +234,40 @@ def test_cluster_shards_follow_the_schema(mined):
         assert Image.open(io.BytesIO(r["images"][0])).size == (S, S)
         pages = {truth[k]["canonical_page_url"] for k in r["keys"] if k in truth}
         assert len(pages) == 1  # one cluster = one page, however its URL was spelled
+
+
+def test_a_parquet_crawl_mines_as_its_tars_do(mined, tmp_path):
+    """The same crawl written as img2dataset's Parquet: the same clusters; its interrupted file (no footer)
+    is named in the manifest, where the cut tar kept its first records."""
+    import ray
+
+    cfg, out, manifest = mined
+    crawl.generate_crawl(cfg, tmp_path, fmt="parquet")
+    assert sorted(p.name for p in (tmp_path / "crawl").iterdir()) == [
+        p.name.replace(".tar", ".parquet") for p in sorted((out / "crawl").iterdir())
+    ]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg_pq = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, input_format="parquet"))
+        got = mining.mine(
+            cfg_pq, input_dir=tmp_path / "crawl", out_dir=tmp_path, truth_path=out / "ground_truth.parquet"
+        )
+    finally:
+        ray.shutdown()
+    ((name, damage),) = got["damaged_files"].items()
+    assert name == "99999.parquet" and damage.startswith("unreadable as Parquet: ") and "footer" in damage
+    readable_truncated = len(mining.parse_tar((out / "crawl" / "99999.tar").read_bytes(), "99999.tar")[0])
+    assert got["pairs_in"] == manifest["pairs_in"] - readable_truncated
+    for k in ("pairs_out", "clusters_out", "filter"):
+        assert got[k] == manifest[k], k
+    drops, tar_drops = dict(got["pairs_dropped_by_reason"]), dict(manifest["pairs_dropped_by_reason"])
+    assert drops.pop("cluster_too_small") == tar_drops.pop("cluster_too_small") - readable_truncated  # noise pages
+    assert drops == tar_drops
+
+    def clusters(folder):
+        return sorted(tuple(r["keys"]) for f in folder.glob("*.parquet") for r in pq.read_table(f).to_pylist())
+
+    assert clusters(tmp_path / "clusters") == clusters(out / "clusters")
 
 
 def test_data_on_object_storage_is_the_data_on_disk(mined, s3):

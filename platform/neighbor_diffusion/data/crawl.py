@@ -15,7 +15,7 @@ in different contexts), *mixed* pages (one subject plus unrelated outliers) and
 *noise* pages (unrelated images). Alt texts are sometimes junk (filenames, "buy now",
 empty). Page URLs come in several spellings (scheme, www., tracking parameters,
 fragments) that the miner must normalise. With `data.bad_records > 0`, every bad-data
-case of the issue is injected that many times, plus one truncated tar shard. Held-out
+case of the issue is injected that many times, plus one truncated shard. Held-out
 subjects never appear in a crawl, not even as outliers.
 """
 
@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from neighbor_diffusion.config import Config
@@ -259,10 +260,15 @@ def _caption_bytes(caption: str | bytes) -> bytes:
     return caption if isinstance(caption, bytes) else caption.encode()
 
 
+_EXT = {"webdataset": "tar", "parquet": "parquet"}  # data.input_format -> its shards' extension
+
+
 def write_crawl(
     records: list[dict[str, Any]], crawl_dir: Path | Location, fmt: str, pairs_per_shard: int
 ) -> list[dict]:
     """Shard the records (keys as img2dataset makes them: shard id + index); returns ground-truth rows."""
+    if fmt not in _EXT:
+        raise ValueError(f"data.input_format={fmt!r}: must be 'webdataset' or 'parquet'")
     crawl_dir.mkdir(parents=True, exist_ok=True)
     normal = [r for r in records if "duplicate_of" not in r]
     dups = [r for r in records if "duplicate_of" in r]
@@ -282,49 +288,52 @@ def write_crawl(
         for key, r in rows:
             truth_rows.append({"key": key, "shard": s, **{k: v for k, v in r["truth"].items() if k != "mode"},
                                "mode": r["truth"].get("mode", "")})  # fmt: skip
-        if fmt == "webdataset":
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as tf:
-                for key, r in rows:
-                    _add(tf, f"{key}.{r['ext']}", r["image"])
-                    _add(tf, f"{key}.txt", _caption_bytes(r["caption"]))
-                    _add(tf, f"{key}.json", json.dumps(_meta(r, key)).encode())
-            (crawl_dir / f"{s:05d}.tar").write_bytes(buf.getvalue())
-        elif fmt == "parquet":
-            metas = [_meta(r, key) for key, r in rows]
-            table = pa.table(
-                {
-                    "key": [k for k, _ in rows],
-                    "jpg": pa.array([r["image"] for _, r in rows], pa.binary()),
-                    "caption": pa.array([_caption_bytes(r["caption"]) for _, r in rows], pa.binary()),
-                    "url": [m["url"] for m in metas],
-                    "page_url": pa.array([m.get("page_url") for m in metas], pa.string()),
-                    "width": pa.array([m["width"] for m in metas], pa.int64()),
-                    "height": pa.array([m["height"] for m in metas], pa.int64()),
-                }
-            )
-            storage.write_table(table, crawl_dir / f"{s:05d}.parquet")
-        else:
-            raise ValueError(f"data.input_format={fmt!r}: must be 'webdataset' or 'parquet'")
+        (crawl_dir / f"{s:05d}.{_EXT[fmt]}").write_bytes(_shard_bytes(rows, fmt))
     return truth_rows
 
 
-def write_truncated_shard(crawl_dir: Path | Location, rng: np.random.Generator, n: int = 6) -> list[dict[str, Any]]:
-    """A tar of noise records cut mid-record, as an interrupted download leaves it. Returns their truth rows."""
-    truth = []
+def _shard_bytes(rows: list[tuple[str, dict[str, Any]]], fmt: str) -> bytes:
+    """(key, record) pairs -> one shard file's bytes, as img2dataset writes it in `fmt`."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for i in range(n):
-            key = f"t{i:08d}"
-            r = {"image": encode(abstract_image(rng, 64)), "ext": "jpg", "page_url": f"https://noise.example.com/{i}"}
-            _add(tf, f"{key}.jpg", r["image"])
-            _add(tf, f"{key}.txt", b"a truncated download")
-            _add(tf, f"{key}.json", json.dumps(_meta(r, key)).encode())
-            truth.append({"key": key, "shard": 99999, "page": -1, "page_kind": "noise",
+    if fmt == "webdataset":
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for key, r in rows:
+                _add(tf, f"{key}.{r['ext']}", r["image"])
+                _add(tf, f"{key}.txt", _caption_bytes(r["caption"]))
+                _add(tf, f"{key}.json", json.dumps(_meta(r, key)).encode())
+    else:  # parquet
+        metas = [_meta(r, key) for key, r in rows]
+        table = pa.table(
+            {
+                "key": [k for k, _ in rows],
+                "jpg": pa.array([r["image"] for _, r in rows], pa.binary()),
+                "caption": pa.array([_caption_bytes(r["caption"]) for _, r in rows], pa.binary()),
+                "url": [m["url"] for m in metas],
+                "page_url": pa.array([m.get("page_url") for m in metas], pa.string()),
+                "width": pa.array([m["width"] for m in metas], pa.int64()),
+                "height": pa.array([m["height"] for m in metas], pa.int64()),
+            }
+        )
+        pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def write_truncated_shard(
+    crawl_dir: Path | Location, rng: np.random.Generator, fmt: str = "webdataset", n: int = 6
+) -> list[dict[str, Any]]:
+    """A shard of noise records cut in the middle, as an interrupted download leaves it (a tar keeps the records
+    before the cut, a Parquet file without its footer none). Returns their truth rows."""
+    truth, rows = [], []
+    for i in range(n):
+        key = f"t{i:08d}"
+        r = {"image": encode(abstract_image(rng, 64)), "ext": "jpg", "page_url": f"https://noise.example.com/{i}",
+             "caption": "a truncated download"}  # fmt: skip
+        rows.append((key, r))
+        truth.append({"key": key, "shard": 99999, "page": -1, "page_kind": "noise",
                           "canonical_page_url": r["page_url"], "subject_id": "", "is_page_subject": False,
-                          "context": "", "caption_junk": False, "bad": "", "mode": ""})  # fmt: skip
-    data = buf.getvalue()
-    (crawl_dir / "99999.tar").write_bytes(data[: len(data) // 2 + 100])
+                      "context": "", "caption_junk": False, "bad": "", "mode": ""})  # fmt: skip
+    data = _shard_bytes(rows, fmt)
+    (crawl_dir / f"99999.{_EXT[fmt]}").write_bytes(data[: len(data) // 2 + 100])
     return truth
 
 
@@ -338,8 +347,8 @@ def generate_crawl(cfg: Config, out_dir: str | Path | Location, fmt: str | None 
     records = build_pages(cfg)
     truth = write_crawl(records, crawl_dir, fmt, cfg.data.pairs_per_shard)
     truncated = 0
-    if cfg.data.bad_records > 0 and fmt == "webdataset":
-        rows = write_truncated_shard(crawl_dir, np.random.default_rng(world.derive_seed(cfg.data.seed, "trunc")))
+    if cfg.data.bad_records > 0:
+        rows = write_truncated_shard(crawl_dir, np.random.default_rng(world.derive_seed(cfg.data.seed, "trunc")), fmt)
         truth += rows
         truncated = len(rows)
     storage.write_table(pa.Table.from_pylist(truth), out / "ground_truth.parquet")

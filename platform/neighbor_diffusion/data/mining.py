@@ -1,7 +1,8 @@
 """Cluster mining on Ray Data: crawl pairs -> clusters of one subject, as Parquet shards.
 
-    read          WebDataset tars (read_binary_files + tarfile: a truncated tar keeps the
-                  records before the cut and is counted) or Parquet (img2dataset columns)
+    read          WebDataset tars or Parquet files (img2dataset's columns), one task per file
+                  (read_binary_files): a damaged file (a cut tar, a Parquet file without its
+                  footer or with an unreadable row group) keeps what is readable and is named
     validate      decode (bombs checked before pixels), odd modes -> RGB, resize + crop to
                   model.image_size, caption cleanup, page-URL normalisation, image embedding
                   (an actor pool: the embedder may be a CLIP/DINO model); bad rows get a reason
@@ -11,10 +12,10 @@
     encode        captions -> frozen text-encoder token states (actor pool), float16 bytes
     write         Parquet cluster shards (CLUSTER_SCHEMA) + manifest.json
 
-Every dropped row and group is counted by reason in the manifest; with ground truth
+Every dropped row and group is counted by reason, every damaged file named, in the manifest; with ground truth
 (the synthetic crawl) the manifest also gives the filter's precision and recall.
 
-The pure functions (`parse_tar`, `validate_record`, `clean_caption`, `normalize_page_url`,
+The pure functions (`parse_tar`, `parse_parquet`, `validate_record`, `clean_caption`, `normalize_page_url`,
 `filter_group`, `DescriptorEmbedder`) are testable without Ray.
 """
 
@@ -34,15 +35,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
-from neighbor_diffusion.config import Config
+from neighbor_diffusion.config import Config, ConfigError
 from neighbor_diffusion.data import storage
 from neighbor_diffusion.data.images import ImageError, decode_image, encode_png, square
 from neighbor_diffusion.data.storage import Location
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 OK = "ok"
+DAMAGED = "damaged_file"  # the status of a damaged crawl file's marker row
 
 # One row per cluster. Caption states are float16 bytes of shape (n, T, D), masks uint8 (n, T).
 CLUSTER_SCHEMA = pa.schema(
@@ -72,15 +75,16 @@ def _tar_cut(data: bytes, end: int) -> bool:
     return len(data) % 512 != 0 or len(tail) < 1024 or tail.strip(b"\0") != b""
 
 
-def parse_tar(data: bytes, shard: str) -> tuple[list[dict[str, Any]], bool]:
-    """WebDataset tar bytes -> records {key, shard, index, image, ext, caption, meta}, truncated?
+def parse_tar(data: bytes, shard: str) -> tuple[list[dict[str, Any]], str]:
+    """WebDataset tar bytes -> records {key, shard, index, image, ext, caption, meta}, and what is wrong
+    with the file ("" when nothing): a cut or unreadable tar keeps the records before the damage.
 
     Members of one sample are consecutive and share the key (the name before the first
     dot); a repeated extension starts a new sample, so a duplicate key yields two records.
     """
     records: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
-    truncated = False
+    damage = ""
 
     def flush() -> None:
         if current is not None:
@@ -106,48 +110,73 @@ def parse_tar(data: bytes, shard: str) -> tuple[list[dict[str, Any]], bool]:
             if field == "image":
                 current["ext"] = ext
         flush()
-        truncated = _tar_cut(data, tf.offset)
-    except (tarfile.TarError, EOFError, OSError):
+        if _tar_cut(data, tf.offset):
+            damage = f"the tar is cut short ({len(records)} records before the cut kept)"
+    except (tarfile.TarError, EOFError, OSError) as e:
         flush()
-        truncated = True
-    return records, truncated
+        damage = f"the tar is cut short or damaged: {e} ({len(records)} records before it kept)"
+    return records, damage
 
 
-def _read_tar_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray flat_map: one tar file -> its records, plus a marker row when the tar is cut."""
+PARQUET_COLUMNS = ("key", "jpg", "image", "caption", "url", "page_url", "width", "height")
+
+
+def parse_parquet(data: bytes, shard: str) -> tuple[list[dict[str, Any]], str]:
+    """img2dataset-style Parquet bytes (columns key, jpg or image, caption, page_url; url, width, height
+    optional) -> the records of `parse_tar`, and what is wrong with the file ("" when nothing): an
+    unreadable row group is skipped and named, the others are kept; a file without its footer (an
+    interrupted write) has nothing readable."""
+    records: list[dict[str, Any]] = []
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        return records, f"unreadable as Parquet: {e}"
+    names = set(pf.schema_arrow.names)
+    if missing := _missing_columns(names):
+        return records, missing
+    columns = [c for c in PARQUET_COLUMNS if c in names and not (c == "image" and "jpg" in names)]
+    bad: list[str] = []
+    for g in range(pf.num_row_groups):
+        try:
+            rows = pf.read_row_group(g, columns=columns).to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            bad.append(f"row group {g} of {pf.num_row_groups} unreadable: {' '.join(str(e).split())}")
+            continue
+        records += [_parquet_record(row, shard, len(records) + i) for i, row in enumerate(rows)]
+    return records, "; ".join(bad) + (f" ({len(records)} records of the others kept)" if bad else "")
+
+
+def _missing_columns(names: set[str]) -> str:
+    """What a Parquet crawl file with these columns lacks, or ""."""
+    missing = [c for c, ok in (("key", "key" in names), ("jpg", bool(names & {"jpg", "image"}))) if not ok]
+    if not missing:
+        return ""
+    return f"no column {' and no '.join(missing)} (Parquet input needs key, jpg or image, caption, page_url)"
+
+
+def _parquet_record(row: dict[str, Any], shard: str, index: int) -> dict[str, Any]:
+    key = "" if row["key"] is None else str(row["key"])
+    meta = {"key": key} | {c: row[c] for c in ("url", "page_url", "width", "height") if not _absent(row.get(c))}
+    image, caption = row.get("jpg", row.get("image")), row.get("caption")
+    return {"key": key, "shard": shard, "index": index, "image": image, "ext": "jpg",
+            "caption": caption.encode() if isinstance(caption, str) else caption,
+            "meta": json.dumps(meta).encode()}  # fmt: skip
+
+
+def _read_file_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray flat_map: one crawl file (a .tar or a .parquet) -> its records, plus a marker row (index -1,
+    the damage as its caption) when the file is damaged."""
     shard = Path(row["path"]).name
-    records, truncated = parse_tar(row["bytes"], shard)
-    if truncated:
-        records.append({"key": "", "shard": shard, "index": -1, "image": None, "ext": "", "caption": None,
-                        "meta": json.dumps({"truncated_tar": shard}).encode()})  # fmt: skip
+    parse = parse_tar if shard.endswith(".tar") else parse_parquet
+    records, damage = parse(row["bytes"], shard)
+    if damage:
+        records.append({"key": "", "shard": shard, "index": -1, "image": None, "ext": "",
+                        "caption": damage.encode(), "meta": None})  # fmt: skip
     return records
 
 
-def _parquet_rows(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Ray map_batches on img2dataset-style Parquet -> the record layout of `parse_tar`."""
-    n = len(batch["key"])
-    captions = batch.get("caption", np.array([None] * n, dtype=object))
-    metas = []
-    for i in range(n):
-        meta = {"key": str(batch["key"][i])}
-        for col in ("url", "page_url", "width", "height"):
-            if col in batch and batch[col][i] is not None and not _isnan(batch[col][i]):
-                meta[col] = batch[col][i].item() if hasattr(batch[col][i], "item") else batch[col][i]
-        metas.append(json.dumps(meta).encode())
-    images = batch["jpg"] if "jpg" in batch else batch["image"]
-    return {
-        "key": [str(k) for k in batch["key"]],
-        "shard": [str(s) for s in batch.get("shard", np.array(["parquet"] * n))],
-        "index": list(range(n)) if "index" not in batch else batch["index"],
-        "image": [None if b is None else bytes(b) for b in images],
-        "ext": ["jpg"] * n,
-        "caption": [None if c is None else c if isinstance(c, bytes) else str(c).encode() for c in captions],
-        "meta": metas,
-    }
-
-
-def _isnan(v: Any) -> bool:
-    return isinstance(v, float) and v != v
+def _absent(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
 
 
 # ---------------------------------------------------------------------------- cleaning
@@ -209,8 +238,8 @@ def validate_record(rec: dict[str, Any], image_size: int, min_side: int, max_pix
     out = {"key": rec.get("key") or "", "shard": rec["shard"], "index": int(rec["index"]), "status": OK,
            "page": "", "url": "", "caption": "", "mode": "", "image": b""}  # fmt: skip
     meta_raw = rec.get("meta")
-    if rec["index"] == -1:  # marker row of a cut tar
-        out["status"] = "truncated_tar"
+    if rec["index"] == -1:  # marker row of a damaged file (`_read_file_rows`): no pair
+        out["status"], out["caption"] = DAMAGED, (rec.get("caption") or b"").decode()
         return out
     if rec.get("image") is None:
         out["status"] = "missing_image"
@@ -449,14 +478,8 @@ def _flag_absent(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def _read_tar_flagged(row: dict[str, Any]) -> list[dict[str, Any]]:
-    return [_flag_absent(r) for r in _read_tar_rows(row)]
-
-
-def _parquet_flagged(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    out = _parquet_rows(batch)
-    rows = [_flag_absent({k: out[k][i] for k in out}) for i in range(len(out["key"]))]
-    return {k: [r[k] for r in rows] for k in rows[0]} if rows else out
+def _read_file_flagged(row: dict[str, Any]) -> list[dict[str, Any]]:
+    return [_flag_absent(r) for r in _read_file_rows(row)]
 
 
 def layout(cfg: Config) -> dict[str, Path | Location]:
@@ -484,6 +507,13 @@ def crawl_files(input_dir: str | Path | Location, fmt: str) -> list[str]:
         files, why = [], str(e)
     if not files:
         raise FileNotFoundError(f"data.input={str(input_dir)!r}: {why} (data.input_format={fmt})")
+    if fmt == "parquet":  # columns of another kind of table: said now, not as every file dropped in the mining
+        try:
+            missing = _missing_columns(set(pq.read_schema(files[0], filesystem=storage.filesystem(input_dir)).names))
+        except (pa.ArrowException, OSError, ValueError):  # a damaged file: the mining counts it and goes on
+            missing = ""
+        if missing:
+            raise ConfigError(f"data.input={str(input_dir)!r}: {Path(files[0]).name} has {missing}")
     return files
 
 
@@ -492,20 +522,9 @@ def read_crawl(input_dir: Path | Location, fmt: str):
     import ray
 
     files, fs = crawl_files(input_dir, fmt), storage.filesystem(input_dir)
-    if fmt == "webdataset":
-        ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=len(files), filesystem=fs)
-        return ds.flat_map(_read_tar_flagged), len(files)
-    ds = ray.data.read_parquet(files, include_paths=True, filesystem=fs)
-    ds = ds.map_batches(_with_shard_index, batch_format="numpy")
-    return ds.map_batches(_parquet_flagged, batch_format="numpy"), len(files)
-
-
-def _with_shard_index(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    # crawl order for "first occurrence wins": file name + a row counter within the batch's file
-    paths = batch.pop("path")
-    batch["shard"] = np.array([Path(p).name for p in paths])
-    batch["index"] = np.arange(len(paths))
-    return batch
+    # one task per file, Parquet too: a damaged file keeps what is readable and is named (`_read_file_rows`)
+    ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=len(files), filesystem=fs)
+    return ds.flat_map(_read_file_flagged), len(files)
 
 
 def _truth_table(path: Path | Location) -> dict[str, dict[str, Any]] | None:
@@ -605,12 +624,16 @@ def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: s
     wall = time.perf_counter() - t0
 
     # 5. manifest: counts in/out, drops by reason, filter scores against ground truth
-    pair_drops = Counter(s for s in table["status"] if s not in (OK, "truncated_tar"))  # a cut tar is no pair
+    pair_drops = Counter(s for s in table["status"] if s not in (OK, DAMAGED))  # a damaged file's marker is no pair
     for _, g in gstats.iterrows():
         pair_drops["outlier"] += len(g["rejected_keys"])
         if g["status"] != OK:
             pair_drops[g["status"]] += len(g["keys"])
-    real_rows = table[table["status"] != "truncated_tar"]
+    real_rows = table[table["status"] != DAMAGED]
+    damaged = {}
+    if (table["status"] == DAMAGED).any():  # what is wrong with each: its marker row's caption
+        marks = rows.filter(expr=f"status == '{DAMAGED}'").select_columns(["shard", "caption"]).to_pandas()
+        damaged = dict(zip(marks["shard"], marks["caption"]))
     kept = gstats[gstats["status"] == OK]
     pairs_out = int(kept["num_members"].sum())
     manifest: dict[str, Any] = {
@@ -627,7 +650,7 @@ def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: s
         "pairs_valid": int((table["status"] == OK).sum()),
         "pairs_out": pairs_out,
         "pairs_dropped_by_reason": dict(sorted(pair_drops.items())),
-        "truncated_tars": int((table["status"] == "truncated_tar").sum()),
+        "damaged_files": dict(sorted(damaged.items())),  # file name -> what is wrong, what was kept
         "converted_modes": dict(Counter(m for m, s in zip(table["mode"], table["status"]) if s == OK and m != "RGB")),
         "groups_in": len(gstats),
         "clusters_out": len(kept),
