@@ -183,6 +183,21 @@ def test_init_from_loads_the_backbone_and_starts_the_neighbor_layers_fresh(cfg, 
                 assert torch.equal(v, fresh[k]), k
 
 
+def test_init_from_on_object_storage_is_read_by_the_driver(cfg, tmp_path, s3):
+    """A UNet file or a pipeline folder on S3 (a local S3 store): read as the local one is, recorded as the URI."""
+    import pyarrow.fs as pafs
+
+    file = _save_unet(E.build_unet(_train_cfg(cfg, seed=1)), tmp_path / "pipe" / E.UNET_FILE)
+    fs, _ = pafs.FileSystem.from_uri("s3://nd-test")
+    pafs.copy_files(str(tmp_path / "pipe"), "nd-test/base/pipe", destination_filesystem=fs)
+    for uri in ("s3://nd-test/base/pipe", f"s3://nd-test/base/pipe/{E.UNET_FILE}"):
+        assert E.read_init_from(_train_cfg(cfg, init_from=uri)) == (uri, file.read_bytes())
+    with pytest.raises(C.ConfigError, match=r"train\.init_from='s3://nd-test/none': cannot read .*none"):
+        E.read_init_from(_train_cfg(cfg, init_from="s3://nd-test/none"))
+    with pytest.raises(C.ConfigError, match=r"train\.init_from='s3://nd-test/base': cannot read .*base/unet"):
+        E.read_init_from(_train_cfg(cfg, init_from="s3://nd-test/base"))  # a folder, but no pipeline's
+
+
 def test_init_from_that_does_not_fit_is_refused_with_file_and_keys_named(cfg, tmp_path):
     with pytest.raises(C.ConfigError, match=r"train\.init_from='nowhere': no file"):
         E.check_init_from(_train_cfg(cfg, init_from="nowhere"))

@@ -21,6 +21,7 @@ from torch import nn
 
 from neighbor_diffusion import diffusion
 from neighbor_diffusion.config import Config, ConfigError
+from neighbor_diffusion.data import storage
 from neighbor_diffusion.model import NeighborUNet
 from neighbor_diffusion.text import text_encoder_dim
 from neighbor_diffusion.tracking import is_registry_uri, resolve_pipeline_dir
@@ -96,23 +97,34 @@ def is_neighbor_parameter(name: str) -> bool:
     return name.removeprefix("unet.").startswith(NEIGHBOR_PREFIX)
 
 
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"  # in a pipeline folder
+_INIT_FROM_KINDS = "expected a UNet .safetensors file or a pipeline folder, local or on object storage, or models:/"
+
+
 def init_weights_file(init_from: str, download_dir: str | None = None) -> Path:
-    """`train.init_from` -> the UNet safetensors file it names: that file, a pipeline folder or a models:/ URI
-    (downloaded into `download_dir`, or else a new temporary folder)."""
+    """`train.init_from` -> the UNet safetensors file it names: that file, a pipeline folder (either also on
+    object storage: s3://..., see `data.storage`) or a models:/ URI. What is not local is downloaded into
+    `download_dir`, or else a new temporary folder."""
     if is_registry_uri(init_from):
         try:
             path = resolve_pipeline_dir(init_from, download_dir, field="train.init_from")
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
+    elif "://" in init_from:
+        where = storage.location(init_from, "train.init_from")
+        try:
+            where = where / UNET_FILE if where.is_dir() else where
+            data = where.read_bytes()
+        except OSError as e:  # no such object, no bucket, no access
+            raise ConfigError(f"train.init_from={init_from!r}: cannot read {where} ({e}); {_INIT_FROM_KINDS}") from None
+        path = Path(download_dir or tempfile.mkdtemp(prefix="init-from-")) / where.name
+        path.write_bytes(data)
     else:
         path = Path(init_from).expanduser()
     if path.is_dir():
-        path = path / "unet" / "diffusion_pytorch_model.safetensors"
+        path = path / UNET_FILE
     if not path.is_file():
-        raise ConfigError(
-            f"train.init_from={init_from!r}: no file {path} (expected a UNet .safetensors file, a pipeline "
-            "folder or a models:/ URI)"
-        )
+        raise ConfigError(f"train.init_from={init_from!r}: no file {path} ({_INIT_FROM_KINDS})")
     return path.resolve()
 
 
@@ -151,12 +163,12 @@ def read_init_from(cfg: Config) -> tuple[str, bytes]:
     """`train.init_from` checked (`check_init_from`) and read, in the driver: (what the run records as its
     init_from: a file's absolute path, or the URI as given; the safetensors file's bytes). The driver puts
     the bytes in Ray's object store, so that workers on every node start from the same weights without a
-    shared file system; a models:/ URI is downloaded once, into a temporary folder removed here."""
+    shared file system; a URI is downloaded once, into a temporary folder removed here."""
     if not cfg.train.init_from:
         return "", b""
     with tempfile.TemporaryDirectory(prefix="init-from-") as tmp:
         path = check_init_from(cfg, tmp)
-        return (cfg.train.init_from if is_registry_uri(cfg.train.init_from) else str(path)), path.read_bytes()
+        return (cfg.train.init_from if "://" in cfg.train.init_from else str(path)), path.read_bytes()
 
 
 def build_unet(cfg: Config, init_weights: bytes | None = None) -> NeighborUNet:
