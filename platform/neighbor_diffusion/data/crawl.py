@@ -330,7 +330,7 @@ def write_truncated_shard(
              "caption": "a truncated download"}  # fmt: skip
         rows.append((key, r))
         truth.append({"key": key, "shard": 99999, "page": -1, "page_kind": "noise",
-                          "canonical_page_url": r["page_url"], "subject_id": "", "is_page_subject": False,
+                      "canonical_page_url": r["page_url"], "subject_id": "", "is_page_subject": False,
                       "context": "", "caption_junk": False, "bad": "", "mode": ""})  # fmt: skip
     data = _shard_bytes(rows, fmt)
     (crawl_dir / f"99999.{_EXT[fmt]}").write_bytes(data[: len(data) // 2 + 100])

@@ -168,7 +168,8 @@ def read_init_from(cfg: Config) -> tuple[str, bytes]:
         return "", b""
     with tempfile.TemporaryDirectory(prefix="init-from-") as tmp:
         path = check_init_from(cfg, tmp)
-        return (cfg.train.init_from if "://" in cfg.train.init_from else str(path)), path.read_bytes()
+        given = cfg.train.init_from
+        return (given if is_registry_uri(given) or "://" in given else str(path)), path.read_bytes()
 
 
 def build_unet(cfg: Config, init_weights: bytes | None = None) -> NeighborUNet:
