@@ -102,8 +102,8 @@ _INIT_FROM_KINDS = "expected a UNet .safetensors file or a pipeline folder, loca
 
 
 def init_weights_file(init_from: str, download_dir: str | None = None) -> Path:
-    """`train.init_from` -> the UNet safetensors file it names: that file, a pipeline folder (either also on
-    object storage: s3://..., see `data.storage`) or a models:/ URI. What is not local is downloaded into
+    """`train.init_from` -> the UNet safetensors file it names: that file or a pipeline folder, local or on
+    object storage (s3://..., see `data.storage`), or a models:/ URI. What is not local is downloaded into
     `download_dir`, or else a new temporary folder."""
     if is_registry_uri(init_from):
         try:
