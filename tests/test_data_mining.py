@@ -282,6 +282,7 @@ def test_data_on_object_storage_is_the_data_on_disk(mined, s3):
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root="s3://nd-test/data"))
     root = mining.layout(cfg)["base"]
     assert str(root) == "s3://nd-test/data/debug" and storage.location(str(root)) == root
+    assert storage.is_uri(root) and storage.is_uri(str(root)) and not storage.is_uri(str(out))
     crawl.generate_crawl(cfg, root)
     assert (root / "world.json").read_text() == (out / "world.json").read_text()
     assert [f.rsplit("/", 1)[1] for f in mining.crawl_files(root / "crawl", "webdataset")] == sorted(

@@ -9,6 +9,7 @@ import torch
 
 from conftest import open_gates, synthetic_rows
 from neighbor_diffusion import config as C
+from neighbor_diffusion.pipeline import UNET_FILE
 from neighbor_diffusion.training import engine as E
 
 
@@ -166,7 +167,7 @@ def _save_unet(unet, path):
 
 def test_init_from_loads_the_backbone_and_starts_the_neighbor_layers_fresh(cfg, tmp_path):
     base = E.build_unet(_train_cfg(cfg, seed=1))  # another seed: other weights everywhere
-    file = _save_unet(base, tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors")
+    file = _save_unet(base, tmp_path / "pipe" / UNET_FILE)
     fresh = E.build_unet(cfg).state_dict()
     for init_from in (str(file), str(tmp_path / "pipe")):  # the file, or the pipeline folder holding it
         run = _train_cfg(cfg, init_from=init_from, neighbor_gate_init=0.5)
@@ -187,10 +188,10 @@ def test_init_from_on_object_storage_is_read_by_the_driver(cfg, tmp_path, s3):
     """A UNet file or a pipeline folder on S3 (a local S3 store): read as the local one is, recorded as the URI."""
     import pyarrow.fs as pafs
 
-    file = _save_unet(E.build_unet(_train_cfg(cfg, seed=1)), tmp_path / "pipe" / E.UNET_FILE)
+    file = _save_unet(E.build_unet(_train_cfg(cfg, seed=1)), tmp_path / "pipe" / UNET_FILE)
     fs, _ = pafs.FileSystem.from_uri("s3://nd-test")
     pafs.copy_files(str(tmp_path / "pipe"), "nd-test/base/pipe", destination_filesystem=fs)
-    for uri in ("s3://nd-test/base/pipe", f"s3://nd-test/base/pipe/{E.UNET_FILE}"):
+    for uri in ("s3://nd-test/base/pipe", f"s3://nd-test/base/pipe/{UNET_FILE}"):
         assert E.read_init_from(_train_cfg(cfg, init_from=uri)) == (uri, file.read_bytes())
     with pytest.raises(C.ConfigError, match=r"train\.init_from='s3://nd-test/none': cannot read .*none"):
         E.read_init_from(_train_cfg(cfg, init_from="s3://nd-test/none"))
@@ -434,8 +435,7 @@ def test_a_run_from_a_base_keeps_its_backbone_and_trains_the_neighbor_layers_at_
     (version,) = MlflowClient().search_model_versions(f"run_id='{base_out.run_id}'")
     uri = f"models:/{base_cfg.train.registered_model}/{version.version}"
     downloads = set(Path(tempfile.gettempdir()).glob("init-from-*"))
-    unet_file = "unet/diffusion_pytorch_model.safetensors"
-    assert E.read_init_from(_cfg(tmp_path, init_from=uri)) == (uri, (base_dir / unet_file).read_bytes())
+    assert E.read_init_from(_cfg(tmp_path, init_from=uri)) == (uri, (base_dir / UNET_FILE).read_bytes())
     assert set(Path(tempfile.gettempdir()).glob("init-from-*")) == downloads
 
     read = E.read_init_from
@@ -446,7 +446,7 @@ def test_a_run_from_a_base_keeps_its_backbone_and_trains_the_neighbor_layers_at_
     )
     out = trainer.train(cfg, {"train": local_ray.data.from_items(synthetic_rows(cfg, n=64))}, register=False)
     assert not backbone.exists()
-    base, got = load_file(base_dir / unet_file), load_file(out.pipeline_dir / unet_file)
+    base, got = load_file(base_dir / UNET_FILE), load_file(out.pipeline_dir / UNET_FILE)
     fresh = E.build_unet(
         cfg.__class__.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "init_from": ""}})
     )

@@ -33,6 +33,7 @@ from neighbor_diffusion.text import TextEncoder, TinyTextEncoder, build_text_enc
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "neighbor_diffusion.json"
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"  # what NeighborUNet.save_pretrained writes
 
 
 class NeighborDiffusionPipeline:
@@ -88,7 +89,7 @@ class NeighborDiffusionPipeline:
         # Build from config, then copy the weights in: parameters live in fresh, aligned memory rather
         # than in the mmap of the file, which keeps a loaded model bit-identical to the saved one.
         unet = NeighborUNet.from_config(NeighborUNet.load_config(directory / "unet"))
-        unet.load_state_dict(load_file(directory / "unet" / "diffusion_pytorch_model.safetensors"))
+        unet.load_state_dict(load_file(directory / UNET_FILE))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(unet, text_encoder, config, device)

@@ -85,13 +85,18 @@ class Location:
         self.fs.delete_file(self.path)
 
 
+def is_uri(where: str | Path | Location) -> bool:
+    """Whether `where` names a place on a filesystem URI (`scheme://...`) rather than a local path."""
+    return isinstance(where, Location) or (not isinstance(where, Path) and "://" in str(where))
+
+
 def location(where: str | Path | Location, field: str = "path") -> Path | Location:
     """A local path as a Path; a filesystem URI (`scheme://...`) as a Location. `field` names the
     setting in the error when pyarrow cannot open the URI (no such filesystem, no region for the bucket)."""
     if isinstance(where, (Path, Location)):
         return where
     where = str(where)
-    if "://" not in where:
+    if not is_uri(where):
         return Path(where)
     base, _, query = where.partition("?")
     try:

@@ -23,6 +23,7 @@ from neighbor_diffusion import diffusion
 from neighbor_diffusion.config import Config, ConfigError
 from neighbor_diffusion.data import storage
 from neighbor_diffusion.model import NeighborUNet
+from neighbor_diffusion.pipeline import UNET_FILE
 from neighbor_diffusion.text import text_encoder_dim
 from neighbor_diffusion.tracking import is_registry_uri, resolve_pipeline_dir
 
@@ -97,7 +98,6 @@ def is_neighbor_parameter(name: str) -> bool:
     return name.removeprefix("unet.").startswith(NEIGHBOR_PREFIX)
 
 
-UNET_FILE = "unet/diffusion_pytorch_model.safetensors"  # in a pipeline folder
 _INIT_FROM_KINDS = "expected a UNet .safetensors file or a pipeline folder, local or on object storage, or models:/"
 
 
@@ -110,7 +110,7 @@ def init_weights_file(init_from: str, download_dir: str | None = None) -> Path:
             path = resolve_pipeline_dir(init_from, download_dir, field="train.init_from")
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
-    elif "://" in init_from:
+    elif storage.is_uri(init_from):
         where = storage.location(init_from, "train.init_from")
         try:
             where = where / UNET_FILE if where.is_dir() else where
@@ -169,7 +169,7 @@ def read_init_from(cfg: Config) -> tuple[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="init-from-") as tmp:
         path = check_init_from(cfg, tmp)
         given = cfg.train.init_from
-        return (given if is_registry_uri(given) or "://" in given else str(path)), path.read_bytes()
+        return (given if is_registry_uri(given) or storage.is_uri(given) else str(path)), path.read_bytes()
 
 
 def build_unet(cfg: Config, init_weights: bytes | None = None) -> NeighborUNet:

@@ -71,7 +71,7 @@ def start_ray(cfg: Config) -> None:
 
 def storage_root(cfg: Config) -> str:
     path = cfg.train.storage_path
-    return path if "://" in path else str(Path(path).resolve())
+    return path if storage.is_uri(path) else str(Path(path).resolve())
 
 
 def _mlflow_run(cfg: Config, run_dir: Path | Location) -> str:
