@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import json
 import os
 import secrets
@@ -411,27 +412,39 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def parse_request(request: Request, body: bytes, model: type[BaseModel]) -> Any:
     """JSON, multipart or urlencoded body -> a validated request; errors become 422s naming fields."""
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    filenames: dict[tuple, str] = {}
+    if content_type in ("application/json", ""):
+        validate = functools.partial(model.model_validate_json, body)
+    elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        data, filenames = await form_fields(request, body)
+        validate = functools.partial(model.model_validate, data)
+    else:
+        raise HTTPException(415, f"content-type {content_type!r}: send application/json or multipart/form-data")
     try:
-        if content_type in ("application/json", ""):
-            return await run_in_threadpool(model.model_validate_json, body)
-        if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            data = await form_fields(request, body)
-            return await run_in_threadpool(model.model_validate, data)
+        return await run_in_threadpool(validate)
     except ValidationError as e:
-        raise RequestValidationError(errors_of(e)) from None
-    raise HTTPException(415, f"content-type {content_type!r}: send application/json or multipart/form-data")
+        errors = errors_of(e)
+        for err in errors:  # a bad uploaded file is named by its filename too
+            if name := filenames.get(tuple(err["loc"][1:])):
+                err["msg"] = f"file {name!r}: {err['msg']}"
+        raise RequestValidationError(errors) from None
 
 
-async def form_fields(request: Request, body: bytes) -> dict[str, Any]:
-    """Form parts -> the same dict a JSON body gives (files become bytes; list fields may repeat)."""
+async def form_fields(request: Request, body: bytes) -> tuple[dict[str, Any], dict[tuple, str]]:
+    """Form parts -> the same dict a JSON body gives (files become bytes; list fields may repeat), and each
+    uploaded file's filename by its place in that dict: ("neighbor_images", 0) -> "photo1.png"."""
 
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
     form = await Request(request.scope, replay).form(max_files=32, max_fields=64)
     data: dict[str, Any] = {}
+    filenames: dict[tuple, str] = {}
     for name, value in form.multi_items():
+        place = (name, len(data.get(name, []))) if name in LIST_FIELDS else (name,)
         if isinstance(value, UploadFile):
+            if value.filename:
+                filenames[place] = value.filename
             value = await value.read()
         if name in LIST_FIELDS:
             data.setdefault(name, []).append(value)
@@ -441,7 +454,7 @@ async def form_fields(request: Request, body: bytes) -> dict[str, Any]:
             )
         else:
             data[name] = value
-    return data
+    return data, filenames
 
 
 def prefers_png(accept: str) -> bool:

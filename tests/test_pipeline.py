@@ -45,6 +45,9 @@ def test_decode_rejects_bad_bytes_with_the_name():
         decode_image(b"", "n0")
     with pytest.raises(ImageError, match="n1: undecodable"):
         decode_image(b"\x89PNG\r\n\x1a\n garbage", "n1")
+    with pytest.raises(ImageError, match="n1: undecodable") as e:
+        decode_image(b"not an image", "n1")
+    assert e.value.detail == "UnidentifiedImageError: cannot identify image file"  # not PIL's <BytesIO object at ...>
     buf = io.BytesIO()
     Image.new("RGB", (64, 64)).save(buf, format="PNG")
     with pytest.raises(ImageError, match="n2: too_large"):

@@ -8,6 +8,7 @@ center-cropped to a square, then mapped to [-1, 1]. What cannot be converted rai
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -22,7 +23,10 @@ class ImageError(ValueError):
 
     def __init__(self, name: str, reason: str, detail: str = ""):
         super().__init__(f"{name}: {reason}" + (f" ({detail})" if detail else ""))
-        self.name, self.reason = name, reason
+        self.name, self.reason, self.detail = name, reason, detail
+
+
+_OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-f]+>")  # PIL names the BytesIO it was given
 
 
 def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -42,7 +46,7 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(name, "too_large", str(e)) from None
     except Exception as e:  # PIL raises many types for broken files
-        raise ImageError(name, "undecodable", f"{type(e).__name__}: {e}") from None
+        raise ImageError(name, "undecodable", f"{type(e).__name__}: {_OBJECT_REPR.sub('', str(e))}") from None
     return to_rgb(img, name)
 
 
