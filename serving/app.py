@@ -441,9 +441,9 @@ async def form_fields(request: Request, body: bytes) -> tuple[dict[str, Any], di
     data: dict[str, Any] = {}
     filenames: dict[tuple, str] = {}
     for name, value in form.multi_items():
-        place = (name, len(data.get(name, []))) if name in LIST_FIELDS else (name,)
         if isinstance(value, UploadFile):
-            if value.filename:
+            if value.filename:  # its place in `data`, as a validation error's loc gives it
+                place = (name, len(data.get(name, []))) if name in LIST_FIELDS else (name,)
                 filenames[place] = value.filename
             value = await value.read()
         if name in LIST_FIELDS:

@@ -110,7 +110,7 @@ def _image_validator(limits: Limits):
         try:
             decode_image(value, "image", max_pixels=limits.max_image_pixels)
         except ImageError as e:
-            raise ValueError(e.reason + (f" ({e.detail})" if e.detail else "")) from None
+            raise ValueError(e.problem) from None
         return value
 
     return check

@@ -22,8 +22,13 @@ class ImageError(ValueError):
     """An input that is not a usable image; `reason` is a short machine-readable tag."""
 
     def __init__(self, name: str, reason: str, detail: str = ""):
-        super().__init__(f"{name}: {reason}" + (f" ({detail})" if detail else ""))
         self.name, self.reason, self.detail = name, reason, detail
+        super().__init__(f"{name}: {self.problem}")
+
+    @property
+    def problem(self) -> str:
+        """What is wrong, without the input's name: `undecodable (OSError: ...)`."""
+        return self.reason + (f" ({self.detail})" if self.detail else "")
 
 
 _OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-f]+>")  # PIL names the BytesIO it was given
