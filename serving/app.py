@@ -107,9 +107,6 @@ class SamplingKey:
     guidance_mode: str
     interleave_ratio: float
     sampler: str
-    # interleaved guidance draws its per-step choices from the call's first seed: only
-    # requests with the same seed can share a call without changing each other's images
-    choice_seed: int | None
 
 
 @dataclass
@@ -220,16 +217,14 @@ class NeighborDiffusionModel:
 
     def _sampling_key(self, job: GenerationJob) -> SamplingKey:
         d, s = self.pipe.config.diffusion, job.sampling
-        mode = s.get("guidance_mode", d.guidance_mode)
         return SamplingKey(
             num_neighbors=len(job.neighbor_images),
             steps=s.get("steps", d.num_inference_steps),
             text_guidance=s.get("text_guidance", d.text_guidance),
             neighbor_guidance=s.get("neighbor_guidance", d.neighbor_guidance),
-            guidance_mode=mode,
+            guidance_mode=s.get("guidance_mode", d.guidance_mode),
             interleave_ratio=s.get("interleave_ratio", d.interleave_ratio),
             sampler=s.get("sampler", d.sampler),
-            choice_seed=job.seed if mode == "interleaved" else None,
         )
 
     async def _sample(self, requests: list[_Sampling]) -> list[tuple[list[bytes], int]]:

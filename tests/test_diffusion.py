@@ -152,6 +152,36 @@ def test_interleaved_extremes_equal_pure_guidance(cfg, model, eta, equivalent):
     assert (inter - other).abs().max() > 1e-4  # the extremes are not the joint guidance
 
 
+def test_interleaved_rows_take_their_choices_from_their_own_seeds(cfg, model, monkeypatch):
+    """Three rows with their own seeds choose differently at some steps (where they do, one forward with a
+    mixed second branch: no_neighbors in some rows, no_text in the others), and each row's sample is the one
+    it gets alone with its seed."""
+    open_gates(model)
+    b = random_batch(cfg, B=3)
+    d, seeds = cfg.diffusion, [1, 2, 3]
+    x_T = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(guidance_mode="interleaved", interleave_ratio=0.5, text_guidance=3.0, neighbor_guidance=2.0,
+              thresholding=d.thresholding, dynamic_thresholding_ratio=d.dynamic_thresholding_ratio,
+              max_threshold=d.max_threshold)  # fmt: skip
+
+    @torch.no_grad()
+    def run(rows, seed):
+        keys = ("neighbor_images", "neighbor_text_states", "neighbor_text_mask", "neighbor_mask")
+        feats = model.encode_neighbors(*(b[k][rows] for k in keys))
+        states, mask = b["text_states"][rows], b["text_mask"][rows]
+        sched = D.sampling_scheduler(d, "ddim")
+        return D.sample(model, sched, states, mask, feats, num_inference_steps=8, x_T=x_T[rows], seed=seed, **kw)
+
+    branches, guided = [], D.guided_prediction
+    monkeypatch.setattr(D, "guided_prediction", lambda *a, **k: branches.append(a[8]) or guided(*a, **k))
+    together = run([0, 1, 2], seeds)
+    assert ("full", "mixed") in branches, branches
+    for i in range(3):
+        torch.testing.assert_close(together[i : i + 1], run([i], seeds[i]), atol=1e-5, rtol=1e-5)
+    one_seed = run([0, 1, 2], seeds[0])  # every row takes row 0's choices
+    assert (one_seed[1:] - together[1:]).abs().max() > 1e-3
+
+
 def test_cached_neighbor_features_equal_recomputed(cfg, model):
     open_gates(model)
     b, feats = _cond(cfg, model)

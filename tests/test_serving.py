@@ -201,14 +201,16 @@ def test_png_response_multipart_and_accept_header(server):
     assert r.status_code == 422 and "format" in r.json()["error"]
 
 
-def test_concurrent_requests_are_batched_and_rows_do_not_depend_on_the_batch(server):
+@pytest.mark.parametrize("mode", ["joint", "interleaved"])
+def test_concurrent_requests_are_batched_and_rows_do_not_depend_on_the_batch(server, mode):
+    """Also under interleaved guidance, whose per-step choices come from each row's seed (at the ratio 0.5,
+    seeds 21 and 22 choose differently at each of the 4 steps)."""
     client, _ = server
-    solo = [client.post("/v1/generate", json=request_body(seed=s, steps=4)).json() for s in (21, 22)]
+    body = {s: request_body(seed=s, steps=4, guidance_mode=mode) for s in (21, 22)}
+    solo = [client.post("/v1/generate", json=body[s]).json() for s in (21, 22)]
     with ThreadPoolExecutor(2) as pool:
-        together = list(
-            pool.map(lambda s: client.post("/v1/generate", json=request_body(seed=s, steps=4)).json(), (21, 22))
-        )
-    print(f"\n[serving] batch rows when sent together: {[t['batch_rows'] for t in together]}")
+        together = list(pool.map(lambda s: client.post("/v1/generate", json=body[s]).json(), (21, 22)))
+    print(f"\n[serving] {mode}: batch rows when sent together: {[t['batch_rows'] for t in together]}")
     assert max(t["batch_rows"] for t in together) == 2, "two concurrent requests should share a pipeline call"
     for a, b in zip(solo, together):
         pa = np.asarray(decode_png(base64.b64decode(a["images"][0])), dtype=int)

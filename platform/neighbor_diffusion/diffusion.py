@@ -18,13 +18,15 @@ Guidance has three branches, batched into one forward pass per step:
 
 "joint" applies both: e_full + (w_t - 1)(e_full - e_nt) + (w_n - 1)(e_full - e_nn).
 "interleaved" (Re-Imagen) uses, at each step, the neighbor-guided prediction with
-probability eta and the text-guided one otherwise, so only two branches are run.
+probability eta and the text-guided one otherwise, so only two branches are run. Each row
+draws its choices from its own seed, so a row's image does not depend on the batch: where
+rows choose differently, the second branch is e_nn in some rows and e_nt in the others.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -208,17 +210,29 @@ def guided_prediction(
     neighbor_guidance: float,
     branches: tuple[str, ...],
     batched: bool = True,
+    neighbor_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One batched forward over `branches` (a subset of full / no_text / no_neighbors), then guidance.
+    """One batched forward over `branches` (a subset of full / no_text / no_neighbors, or full / mixed),
+    then guidance.
 
+    "mixed" is interleaved guidance chosen per row: no_neighbors (weighted by `neighbor_guidance`) in the
+    rows where `neighbor_rows` (B,) is True, no_text (weighted by `text_guidance`) in the others.
     `batched=False` makes one forward per branch instead (same result; the benchmark's reference)."""
     B = x_t.shape[0]
     null_states, null_mask = null_text(B, text_states.shape[1], text_states.shape[2], x_t.device)
+    null_states = null_states.to(text_states.dtype)
     conds = {
         "full": (text_states, text_mask, neighbors),
-        "no_text": (null_states.to(text_states.dtype), null_mask, neighbors),
+        "no_text": (null_states, null_mask, neighbors),
         "no_neighbors": (text_states, text_mask, neighbors.without_neighbors() if neighbors is not None else None),
     }
+    if "mixed" in branches:
+        rows = neighbor_rows
+        conds["mixed"] = (
+            torch.where(rows[:, None, None], text_states, null_states),
+            torch.where(rows[:, None], text_mask, null_mask),
+            NeighborFeatures(neighbors.tokens, neighbors.mask & ~rows[:, None], neighbors.kv),
+        )
     chosen = [conds[b] for b in branches]
     n = len(chosen)
     if batched:
@@ -233,6 +247,9 @@ def guided_prediction(
         eps = eps + (text_guidance - 1.0) * (e["full"] - e["no_text"])
     if "no_neighbors" in e:
         eps = eps + (neighbor_guidance - 1.0) * (e["full"] - e["no_neighbors"])
+    if "mixed" in e:
+        w = torch.where(neighbor_rows, neighbor_guidance, text_guidance).to(eps.dtype)[:, None, None, None]
+        eps = eps + (w - 1.0) * (e["full"] - e["mixed"])
     return eps
 
 
@@ -250,7 +267,7 @@ def sample(
     interleave_ratio: float = 0.5,
     x_T: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     thresholding: str = "none",
     dynamic_thresholding_ratio: float = 0.995,
     max_threshold: float = 4.0,
@@ -260,22 +277,27 @@ def sample(
     `neighbors` may be a callable, called at every step (recomputing the features),
     which is how tests and benchmarks compare against the cached path.
     `x_T` (or else `generator`) fixes the starting noise; `seed` drives the
-    interleaved-guidance choices. DDIM (eta=0) and DPM-Solver++ add no noise later,
+    interleaved-guidance choices: one seed per row (row i's choices come from seed[i]
+    alone), or one for all rows. DDIM (eta=0) and DPM-Solver++ add no noise later,
     so a sample is a function of x_T and the conditions.
     """
     cfg = model.config
     B = text_states.shape[0]
     device = text_states.device
+    seeds = [seed] * B if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != B:
+        raise ValueError(f"seed: got {len(seeds)} seeds for {B} rows")
     if x_T is None:
         x_T = torch.randn((B, cfg.in_channels, cfg.image_size, cfg.image_size), generator=generator)
     x = x_T.to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
     x = x * scheduler.init_noise_sigma
-    choice = random.Random(seed)
+    choices = [random.Random(s) for s in seeds]
     if isinstance(neighbors, NeighborFeatures):
         neighbors = model.project_neighbors(neighbors)  # keys and values once, not at every step
     for t in scheduler.timesteps:
         feats = neighbors() if callable(neighbors) else neighbors
+        neighbor_rows = None
         if guidance_mode == "joint":
             branches = ("full",)
             if text_guidance != 1.0:
@@ -283,15 +305,17 @@ def sample(
             if neighbor_guidance != 1.0 and feats is not None:
                 branches += ("no_neighbors",)
         elif guidance_mode == "interleaved":
-            use_neighbor = feats is not None and choice.random() < interleave_ratio
-            branches = ("full", "no_neighbors") if use_neighbor else ("full", "no_text")
+            rows = [feats is not None and c.random() < interleave_ratio for c in choices]
+            branches = ("full", "no_neighbors" if all(rows) else "no_text" if not any(rows) else "mixed")
+            neighbor_rows = torch.tensor(rows, device=device)
         else:
             raise ValueError(f"guidance_mode={guidance_mode!r}: must be 'joint' or 'interleaved'")
         x_in = scheduler.scale_model_input(x, t)
         tt = torch.full((B,), int(t), device=device, dtype=torch.long)
         eps = guided_prediction(
-            model, x_in, tt, text_states, text_mask, feats, text_guidance, neighbor_guidance, branches
-        )
+            model, x_in, tt, text_states, text_mask, feats, text_guidance, neighbor_guidance, branches,
+            neighbor_rows=neighbor_rows,
+        )  # fmt: skip
         eps = thresholded_output(eps, x, int(t), scheduler, thresholding, dynamic_thresholding_ratio, max_threshold)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return x.clamp(-1, 1)

@@ -70,18 +70,16 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         rows = pd.DataFrame(model_input).to_dict("records")
         for i, row in enumerate(rows):  # every row checked before any is sampled: a bad row 900 loses nothing
             self._inputs(i, row, seed)
-        # interleaved guidance draws its per-step choices from a call's first seed (as on a Serve replica)
-        per_seed = self.pipe.config.diffusion.guidance_mode == "interleaved"
         images: list[bytes] = [b""] * len(rows)
         step = self.pipe.config.serve.max_batch_size  # rows per generate() call, as a Serve replica batches
         for start in range(0, len(rows), step):
-            groups: dict[tuple, list[int]] = defaultdict(list)  # rows with equal neighbor counts (and seeds) batch
+            groups: dict[int, list[int]] = defaultdict(list)  # rows with equal neighbor counts batch
             prompts, features, seeds = {}, {}, {}
             for i in range(start, min(start + step, len(rows))):
                 prompts[i], neighbors, captions, seeds[i] = self._inputs(i, rows[i], seed)
                 features[i] = self.pipe.encode_neighbor_set(neighbors, captions) if neighbors else None
-                groups[len(neighbors), seeds[i] if per_seed else None].append(i)
-            for (count, _), members in groups.items():
+                groups[len(neighbors)].append(i)
+            for count, members in groups.items():
                 x = self.pipe.generate(
                     [prompts[i] for i in members],
                     NeighborFeatures.cat([features[i] for i in members]) if count else None,

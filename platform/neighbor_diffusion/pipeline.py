@@ -139,8 +139,8 @@ class NeighborDiffusionPipeline:
     ) -> torch.Tensor:
         """One row per prompt (neighbors: one row each, or None); returns (B, 3, S, S) in [-1, 1].
 
-        Row i starts from noise drawn with seeds[i], so a row's image does not depend on
-        what else is in the batch.
+        Row i starts from noise drawn with seeds[i] and takes its interleaved-guidance choices
+        from seeds[i], so a row's image does not depend on what else is in the batch.
         """
         d = self.config.diffusion
         S, C = self.image_size, self.unet.config.in_channels
@@ -158,7 +158,7 @@ class NeighborDiffusionPipeline:
             guidance_mode=guidance_mode or d.guidance_mode,
             interleave_ratio=d.interleave_ratio if interleave_ratio is None else interleave_ratio,
             x_T=x_T,
-            seed=int(seeds[0]),
+            seed=seeds,
             thresholding=d.thresholding,
             dynamic_thresholding_ratio=d.dynamic_thresholding_ratio,
             max_threshold=d.max_threshold,
