@@ -386,17 +386,26 @@ def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero
     assert calls == [["a mug in snow"] * 3]
     assert np.abs(pixels[0] - ref).max() <= 1 and np.abs(pixels[2] - ref).max() <= 1
     assert np.abs(pixels[1] - ref).max() > 10
-    # under interleaved guidance each row takes its per-step choices from its own seed (3 and 4 choose
-    # differently at the second step), and rows still share a call
-    diffusion = dataclasses.replace(pipe.config.diffusion, guidance_mode="interleaved")
-    pipe.config = dataclasses.replace(pipe.config, diffusion=diffusion)
+    # the server's sampling options are params; under interleaved guidance each row takes its per-step choices
+    # from its own seed (3 and 4 choose differently at the second step), and rows still share a call
+    interleaved = {**params, "guidance_mode": "interleaved", "interleave_ratio": 0.5}
     calls.clear()
-    images = model.predict(seeded, params=params)["image"]
+    images = model.predict(seeded, params=interleaved)["image"]
     assert calls == [["a mug in snow"] * 3]
     for i in range(len(seeded)):
-        alone = model.predict(seeded.iloc[[i]], params=params)["image"][0]
+        alone = model.predict(seeded.iloc[[i]], params=interleaved)["image"][0]
         pixels = [np.asarray(Image.open(io.BytesIO(b)), dtype=int) for b in (images[i], alone)]
         assert np.abs(pixels[0] - pixels[1]).max() <= 1, f"interleaved row {i} depends on the rows beside it"
+        if i == 0:
+            assert np.abs(pixels[0] - ref).max() > 10  # not the joint guidance's image
+    for bad, message in [
+        ({"num_inference_steps": 1000}, r"params: num_inference_steps: got 1000, need 1\.\.100 \(or 0: "),
+        ({"sampler": "euler"}, r"params: sampler: got 'euler', need one of ddim, dpm\+\+ \(or '': "),
+        ({"interleave_ratio": 1.5}, r"params: interleave_ratio: got 1.5, need 0\.\.1 "),
+        ({"text_guidance": float("nan")}, r"params: text_guidance: got nan"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.predict(seeded, params={**params, **bad})
     calls.clear()
     rows = pd.DataFrame({"prompt": ["a mug in snow", "a mug", " "], "neighbor_images": [photos, photos, photos]})
     with pytest.raises(ValueError, match="row 2: prompt"):

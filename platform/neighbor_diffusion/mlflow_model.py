@@ -9,8 +9,9 @@ pipeline folder ("models from code": nothing is pickled), and MLflow runs it whe
 
 A row: `prompt`, `neighbor_images` (image files' bytes, or base64 strings) and optionally
 `neighbor_captions` and `seed` (a column for every row or none: pandas cannot hold a missing integer);
-params: `seed` (for rows without one), `num_inference_steps`, `text_guidance`, `neighbor_guidance` (left
-out, or 0 steps and -1 guidance: the model's defaults). Each row gives one PNG, the image of
+params: `seed` (for rows without one) and the server's sampling options, `num_inference_steps`,
+`text_guidance`, `neighbor_guidance`, `guidance_mode`, `interleave_ratio`, `sampler` (left out, or 0 steps,
+-1 guidance or ratio, "" mode or sampler: the model's defaults). Each row gives one PNG, the image of
 `pipe(prompt, neighbor_images, neighbor_captions, seed=seed)`, so equal rows give equal images unless their
 seeds differ. Rows are sampled in batches of up to `serve.max_batch_size` (rows with as many neighbors share
 a `pipe.generate` call, as requests do on a Serve replica); a row's image does not depend on the rows beside
@@ -29,7 +30,7 @@ import pandas as pd
 from mlflow.models import ModelSignature, set_model
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-from neighbor_diffusion.config import MAX_SEED
+from neighbor_diffusion.config import GUIDANCE_MODES, MAX_SEED, SAMPLERS, ServeConfig
 from neighbor_diffusion.tracking import PIPELINE_ARTIFACT
 
 SIGNATURE = ModelSignature(
@@ -48,6 +49,9 @@ SIGNATURE = ModelSignature(
             ParamSpec("num_inference_steps", "long", 0),
             ParamSpec("text_guidance", "double", -1.0),
             ParamSpec("neighbor_guidance", "double", -1.0),
+            ParamSpec("guidance_mode", "string", ""),
+            ParamSpec("interleave_ratio", "double", -1.0),
+            ParamSpec("sampler", "string", ""),
         ]
     ),
 )
@@ -64,8 +68,7 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         from neighbor_diffusion.model import NeighborFeatures
 
         params = params or {}
-        sampling = {k: params[k] for k in ("num_inference_steps",) if params.get(k, 0) > 0}
-        sampling |= {k: params[k] for k in ("text_guidance", "neighbor_guidance") if params.get(k, -1) >= 0}
+        sampling = _sampling(params, self.pipe.config.serve)
         seed = _seed(params.get("seed", 0), "params: seed")
         rows = pd.DataFrame(model_input).to_dict("records")
         for i, row in enumerate(rows):  # every row checked before any is sampled: a bad row 900 loses nothing
@@ -106,6 +109,28 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         if captions is not None and len(captions) != len(neighbors):
             raise ValueError(f"row {i}: neighbor_captions: got {len(captions)} for {len(neighbors)} neighbor_images")
         return prompt, neighbors, captions, _seed(row["seed"], f"row {i}: seed") if "seed" in row else seed
+
+
+def _sampling(params: dict, limits: ServeConfig) -> dict:
+    """`pipe.generate`'s sampling keywords from the params, checked against the server's limits; a param at
+    its default (0 steps, -1 guidance or ratio, "" mode or sampler) is left out: the model's default."""
+    sampling: dict = {}
+    checks = {
+        "num_inference_steps": (0, lambda v: 1 <= v <= limits.max_steps, f"1..{limits.max_steps}"),
+        "text_guidance": (-1.0, lambda v: 0 <= v <= limits.max_guidance, f"0..{limits.max_guidance}"),
+        "neighbor_guidance": (-1.0, lambda v: 0 <= v <= limits.max_guidance, f"0..{limits.max_guidance}"),
+        "interleave_ratio": (-1.0, lambda v: 0 <= v <= 1, "0..1"),
+        "guidance_mode": ("", lambda v: v in GUIDANCE_MODES, f"one of {', '.join(GUIDANCE_MODES)}"),
+        "sampler": ("", lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
+    }
+    for name, (default, ok, need) in checks.items():
+        value = params.get(name, default)
+        if value == default:
+            continue
+        if not ok(value):  # NaN fails every range
+            raise ValueError(f"params: {name}: got {value!r}, need {need} (or {default!r}: the model's default)")
+        sampling[name] = value
+    return sampling
 
 
 def _seed(value, field: str) -> int:
