@@ -71,9 +71,7 @@ def _neighbor_cost(ctx: Context) -> Report:
                 neighbor_guidance=neighbor_guidance,
                 guidance_mode="joint",
                 x_T=x["x_T"],
-                thresholding=d.thresholding,
-                dynamic_thresholding_ratio=d.dynamic_thresholding_ratio,
-                max_threshold=d.max_threshold,
+                **diffusion.thresholding_of(d),
             )
 
         settings = {

@@ -135,8 +135,7 @@ def _sample(cfg, model, b, feats, **kw):
     d = cfg.diffusion
     sched = D.sampling_scheduler(d, kw.pop("sampler", "ddim"))
     x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    kw = dict(thresholding=d.thresholding, dynamic_thresholding_ratio=d.dynamic_thresholding_ratio,
-              max_threshold=d.max_threshold, **kw)  # fmt: skip
+    kw = {**D.thresholding_of(d), **kw}
     return D.sample(model, sched, b["text_states"], b["text_mask"], feats, num_inference_steps=6, x_T=x_T, **kw)
 
 
@@ -160,9 +159,8 @@ def test_interleaved_rows_take_their_choices_from_their_own_seeds(cfg, model, mo
     b = random_batch(cfg, B=3)
     d, seeds = cfg.diffusion, [1, 2, 3]
     x_T = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    kw = dict(guidance_mode="interleaved", interleave_ratio=0.5, text_guidance=3.0, neighbor_guidance=2.0,
-              thresholding=d.thresholding, dynamic_thresholding_ratio=d.dynamic_thresholding_ratio,
-              max_threshold=d.max_threshold)  # fmt: skip
+    kw = dict(guidance_mode="interleaved", interleave_ratio=0.5, text_guidance=3.0, neighbor_guidance=2.0)
+    kw |= D.thresholding_of(d)
 
     @torch.no_grad()
     def run(rows, seed):

@@ -110,6 +110,15 @@ def thresholded_output(
     return new.to(output.dtype)
 
 
+def thresholding_of(cfg: DiffusionConfig) -> dict[str, str | float]:
+    """`sample`'s thresholding keywords, from a config."""
+    return {
+        "thresholding": cfg.thresholding,
+        "dynamic_thresholding_ratio": cfg.dynamic_thresholding_ratio,
+        "max_threshold": cfg.max_threshold,
+    }
+
+
 # ---------------------------------------------------------------------------- training
 
 

@@ -159,9 +159,7 @@ class NeighborDiffusionPipeline:
             interleave_ratio=d.interleave_ratio if interleave_ratio is None else interleave_ratio,
             x_T=x_T,
             seed=seeds,
-            thresholding=d.thresholding,
-            dynamic_thresholding_ratio=d.dynamic_thresholding_ratio,
-            max_threshold=d.max_threshold,
+            **diffusion.thresholding_of(d),
         )
 
     def __call__(
