@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # for `ray job submit --working-dir .`
 
 from neighbor_diffusion import tracking  # noqa: E402
-from neighbor_diffusion.config import cli_errors  # noqa: E402
+from neighbor_diffusion.config import GUIDANCE_MODES, SAMPLERS, cli_errors  # noqa: E402
 from neighbor_diffusion.evaluation import baselines, benchmark, metrics, runner  # noqa: E402
 
 EXPERIMENT = "neighbor-diffusion-eval"
@@ -44,6 +44,19 @@ def _count(minimum: int):
     return parse
 
 
+def _number(low: float, high: float | None = None):
+    def parse(raw: str) -> float:
+        value = float(raw)
+        if not (low <= value if high is None else low <= value <= high):  # NaN too
+            raise argparse.ArgumentTypeError(
+                f"{raw}: must be " + (f">= {low}" if high is None else f"in {low}..{high}")
+            )
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a folder")
@@ -52,8 +65,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=_count(1), default=None, help="held-out subjects (default: by preset)")
     p.add_argument("--prompts", type=_count(1), default=None, help="prompts per subject (default: by preset)")
     p.add_argument("--steps", type=_count(1), default=None, help="sampling steps (default: by preset / the model)")
-    p.add_argument("--text-guidance", type=float, default=None)
-    p.add_argument("--neighbor-guidance", type=float, default=None)
+    p.add_argument("--text-guidance", type=_number(0.0), default=None, help="default: the model's")
+    p.add_argument("--neighbor-guidance", type=_number(0.0), default=None, help="default: the model's")
+    p.add_argument("--guidance-mode", choices=GUIDANCE_MODES, default=None, help="default: the model's")
+    p.add_argument("--interleave-ratio", type=_number(0.0, 1.0), default=None, help="default: the model's")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the model's")
     p.add_argument("--text-only-model", default="", help="a model trained with neighbors always dropped")
     p.add_argument(
         "--dreambooth",
@@ -111,6 +127,9 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
         num_inference_steps=args.steps or steps,
         text_guidance=args.text_guidance,
         neighbor_guidance=args.neighbor_guidance,
+        guidance_mode=args.guidance_mode,
+        interleave_ratio=args.interleave_ratio,
+        sampler=args.sampler,
         dreambooth=baselines.DreamBoothConfig(steps=args.dreambooth_steps, seed=args.seed) if dreambooth_on else None,
         workers=args.workers or max(1, min(8, int(resources.get("CPU", 3)) - 2)),
         gpus_per_worker=1.0 if resources.get("GPU", 0) >= 1 else 0.0,

@@ -208,7 +208,8 @@ def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debu
     try:
         result = evaluate.main(
             ["--model", "models:/nd-eval@candidate", "--subjects", "1", "--prompts", "2", "--steps", "2",
-             "--workers", "1", "--no-dreambooth", "--validate", "0", "--out", str(tmp_path / "out")]
+             "--workers", "1", "--no-dreambooth", "--validate", "0", "--out", str(tmp_path / "out"),
+             "--guidance-mode", "interleaved", "--sampler", "dpm++"]
         )  # fmt: skip
     finally:
         ray.shutdown()
@@ -216,6 +217,7 @@ def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debu
     assert methods == ["neighbor", "text_only", "oracle_render"]
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["method"] for r in report["table"]] == methods
+    assert report["meta"]["sampling"] == {"num_inference_steps": 2, "guidance_mode": "interleaved", "sampler": "dpm++"}
     assert "| neighbor |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "samples.png").is_file()
     oracle = result.table[-1]  # the metrics' ceiling on these very prompts

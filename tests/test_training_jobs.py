@@ -391,6 +391,11 @@ def test_a_bad_setting_ends_a_job_or_the_server_in_one_line_naming_it(debug_data
             ["--model", str(tmp_path / "pipe"), "--subjects", "0"],
             r"argument --subjects: 0: must be >= 1",
         ),
+        (
+            evaluate.main,
+            ["--model", str(tmp_path / "pipe"), "--interleave-ratio", "2"],
+            r"argument --interleave-ratio: 2: must be in 0\.0\.\.1\.0",
+        ),
         (app.main, ["--serve.port", "0", "--serve.model_uri", "x"], r"serve\.port=0: must be a TCP port"),
         (app.main, ["--serve.model_uri", "models:/nd-none/3"], r"serve\.model_uri='models:/nd-none/3': .*nd-none"),
     ]

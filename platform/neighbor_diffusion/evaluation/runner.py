@@ -37,8 +37,11 @@ class EvalSettings:
     prompts_per_subject: int = 4
     k: int | None = None  # demonstrations per subject; None: model.max_neighbors
     num_inference_steps: int | None = None  # None: the model's diffusion.num_inference_steps
-    text_guidance: float | None = None
+    text_guidance: float | None = None  # None here and below: the model's
     neighbor_guidance: float | None = None
+    guidance_mode: str | None = None
+    interleave_ratio: float | None = None
+    sampler: str | None = None
     dreambooth: baselines.DreamBoothConfig | None = None  # None: no DreamBooth baseline
     workers: int = 2
     batch_size: int = 8
@@ -48,12 +51,9 @@ class EvalSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def sampling(self) -> dict[str, Any]:
-        s = {
-            "num_inference_steps": self.num_inference_steps,
-            "text_guidance": self.text_guidance,
-            "neighbor_guidance": self.neighbor_guidance,
-        }
-        return {k: v for k, v in s.items() if v is not None}
+        """`pipe.generate`'s sampling keywords that are set."""
+        names = ("num_inference_steps", "text_guidance", "neighbor_guidance", "guidance_mode", "interleave_ratio")
+        return {k: getattr(self, k) for k in (*names, "sampler") if getattr(self, k) is not None}
 
 
 @dataclass
