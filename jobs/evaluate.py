@@ -8,8 +8,9 @@ Held-out subjects, K demonstrations each, prompts that ask for contexts (includi
 combinations unseen in training) -> the neighbor model, the text-only baseline (and,
 with --dreambooth, per-subject fine-tuning as Ray tasks) -> identity, text fidelity,
 copy rate, adaptation seconds per subject -> MLflow (metrics, table, sample grid) and
-results.json / results.md in --out. The metrics are validated on renders first
-(--validate N queries) and those numbers are logged with the run.
+results.json / results.md in --out (a folder, or a URI such as s3://bucket/eval). The
+metrics are validated on renders first (--validate N queries) and those numbers are
+logged with the run.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # for `ray job submit --working-dir .`
 
 from neighbor_diffusion import tracking  # noqa: E402
-from neighbor_diffusion.config import GUIDANCE_MODES, SAMPLERS, cli_errors  # noqa: E402
+from neighbor_diffusion.config import GUIDANCE_MODES, SAMPLERS, ConfigError, cli_errors  # noqa: E402
+from neighbor_diffusion.data import storage  # noqa: E402
 from neighbor_diffusion.evaluation import baselines, benchmark, metrics, runner  # noqa: E402
 
 EXPERIMENT = "neighbor-diffusion-eval"
@@ -83,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dreambench", default="", help="a DreamBench-format folder: adds DINO / CLIP-I / CLIP-T")
     p.add_argument("--embedder", action="append", default=[], help="local CLIP or DINO folder (repeatable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="", help="report folder (default: runs/eval/<time>)")
+    p.add_argument("--out", default="", help="report folder or URI, e.g. s3://bucket/eval (default: runs/eval/<time>)")
     p.add_argument("--no-mlflow", action="store_true")
     return p
 
@@ -92,7 +95,13 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
     p = parser()
     args = p.parse_args(argv)
     t_start = time.perf_counter()
-    with cli_errors(p, (FileNotFoundError,)):  # every path checked before the benchmark starts, not after it
+    # every path checked before the benchmark starts, not after it
+    with cli_errors(p, (ConfigError, FileNotFoundError)):
+        out = storage.location(args.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}", "--out")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. no such bucket, no access
+            raise ConfigError(f"--out={str(out)!r}: {e}") from None
         model_dir = str(tracking.resolve_pipeline_dir(args.model, field="--model"))
         # a registered version (pinned now: an alias may move on while the benchmark runs) gets the scores too
         version, model_id = tracking.model_version(args.model) or (None, None)
@@ -159,41 +168,47 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
         print("[evaluate] --dreambench needs --embedder (a local CLIP or DINO folder); skipped", flush=True)
     meta["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
 
-    out = Path(args.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}")
-    json_path, md_path = benchmark.write_report(out, result.table, meta)
-    grid_path = out / "samples.png"
-    result.grid.save(grid_path)
-    (out / "scores.jsonl").write_text("\n".join(json.dumps(r, default=str) for r in result.rows) + "\n")
-    if not args.no_mlflow:
-        run_id = tracking.start_run(EXPERIMENT, f"eval-{preset}", tags={"model": args.model, "quick": args.quick})
-        logger = tracking.RunLogger(run_id)
-        logger.params({k: v for k, v in meta.items() if k != "metric_validation"})
-        logger.metrics(
-            {
-                f"{row['method']}/{k}": v
-                for row in result.table
-                for k, v in row.items()
-                if isinstance(v, float) and v == v
-            }
-            | {f"validation/{k}": v for k, v in validation.items()},
-            step=0,
-            model_id=model_id,  # also metrics of the logged model the version was registered from
-        )
-        if version:  # and its headline numbers as tags, which the registry's lists show
-            from mlflow import MlflowClient
+    with tempfile.TemporaryDirectory() as tmp:  # a URI's report is written here first (MLflow logs local files)
+        folder = out if isinstance(out, Path) else Path(tmp)
+        json_path, md_path = benchmark.write_report(folder, result.table, meta)
+        grid_path = folder / "samples.png"
+        result.grid.save(grid_path)
+        (folder / "scores.jsonl").write_text("\n".join(json.dumps(r, default=str) for r in result.rows) + "\n")
+        files = [json_path, md_path, grid_path, folder / "scores.jsonl"]
+        if storage.is_uri(out):
+            for f in files:
+                (out / f.name).write_bytes(f.read_bytes())
+        if not args.no_mlflow:
+            run_id = tracking.start_run(EXPERIMENT, f"eval-{preset}", tags={"model": args.model, "quick": args.quick})
+            logger = tracking.RunLogger(run_id)
+            logger.params({k: v for k, v in meta.items() if k != "metric_validation"})
+            logger.metrics(
+                {
+                    f"{row['method']}/{k}": v
+                    for row in result.table
+                    for k, v in row.items()
+                    if isinstance(v, float) and v == v
+                }
+                | {f"validation/{k}": v for k, v in validation.items()},
+                step=0,
+                model_id=model_id,  # also metrics of the logged model the version was registered from
+            )
+            if version:  # and its headline numbers as tags, which the registry's lists show
+                from mlflow import MlflowClient
 
-            ours = result.table[0]  # the neighbor model's row
-            tags = {"eval.run_id": run_id, "eval.quick": args.quick, "eval.samples": int(ours["samples"])}
-            tags |= {f"eval.{k}": f"{ours[k]:.3f}" for k in ("identity", "text_fidelity", "copy_rate")}
-            client = MlflowClient()
-            for key, value in tags.items():
-                client.set_model_version_tag(version.name, version.version, key, str(value))
-        tracking.log_table(run_id, result.table, "results_table.json")
-        tracking.log_files(run_id, [json_path, md_path, grid_path, out / "scores.jsonl"], "report")
-        tracking.end_run(run_id)
-        print(f"[evaluate] MLflow run {run_id} in experiment {EXPERIMENT}", flush=True)
-    print(md_path.read_text())
-    print(f"[evaluate] report: {md_path}  grid: {grid_path}  ({meta['seconds']['total']:.0f} s)", flush=True)
+                ours = result.table[0]  # the neighbor model's row
+                tags = {"eval.run_id": run_id, "eval.quick": args.quick, "eval.samples": int(ours["samples"])}
+                tags |= {f"eval.{k}": f"{ours[k]:.3f}" for k in ("identity", "text_fidelity", "copy_rate")}
+                client = MlflowClient()
+                for key, value in tags.items():
+                    client.set_model_version_tag(version.name, version.version, key, str(value))
+            tracking.log_table(run_id, result.table, "results_table.json")
+            tracking.log_files(run_id, files, "report")
+            tracking.end_run(run_id)
+            print(f"[evaluate] MLflow run {run_id} in experiment {EXPERIMENT}", flush=True)
+        print(md_path.read_text())
+        shown = f"{out / md_path.name}  grid: {out / grid_path.name}"
+        print(f"[evaluate] report: {shown}  ({meta['seconds']['total']:.0f} s)", flush=True)
     if started_ray:
         ray.shutdown()
     return result

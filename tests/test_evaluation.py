@@ -188,11 +188,14 @@ def test_dreambooth_finetune_learns_the_subject_and_leaves_the_model_alone(debug
 # ---------------------------------------------------------------------------- the job, end to end
 
 
-def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debug_pipe):
+def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debug_pipe, s3):
+    """The report to object storage (moto's S3 server; a local folder is `make demo`'s), a registered version's
+    scores on that version, the sampling options as given."""
     import mlflow
     import ray
 
     from neighbor_diffusion import tracking
+    from neighbor_diffusion.data import storage
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -208,18 +211,20 @@ def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debu
     try:
         result = evaluate.main(
             ["--model", "models:/nd-eval@candidate", "--subjects", "1", "--prompts", "2", "--steps", "2",
-             "--workers", "1", "--no-dreambooth", "--validate", "0", "--out", str(tmp_path / "out"),
+             "--workers", "1", "--no-dreambooth", "--validate", "0", "--out", "s3://nd-test/eval/run1",
              "--guidance-mode", "interleaved", "--sampler", "dpm++"]
         )  # fmt: skip
     finally:
         ray.shutdown()
     methods = [row["method"] for row in result.table]
     assert methods == ["neighbor", "text_only", "oracle_render"]
-    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    out = storage.location("s3://nd-test/eval/run1")
+    report = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in report["table"]] == methods
     assert report["meta"]["sampling"] == {"num_inference_steps": 2, "guidance_mode": "interleaved", "sampler": "dpm++"}
-    assert "| neighbor |" in (tmp_path / "out" / "results.md").read_text()
-    assert (tmp_path / "out" / "samples.png").is_file()
+    assert "| neighbor |" in (out / "results.md").read_text()
+    assert (out / "samples.png").read_bytes().startswith(b"\x89PNG") and (out / "scores.jsonl").is_file()
+    assert not (tmp_path / "runs").exists()  # nothing left in the working dir
     oracle = result.table[-1]  # the metrics' ceiling on these very prompts
     assert oracle["identity_top1"] == 1.0 and oracle["text_fidelity"] == 1.0 and oracle["copy_rate"] == 0.0
     assert result.table[0]["adapt_seconds_per_subject"] > 0

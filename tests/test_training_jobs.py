@@ -396,6 +396,11 @@ def test_a_bad_setting_ends_a_job_or_the_server_in_one_line_naming_it(debug_data
             ["--model", str(tmp_path / "pipe"), "--interleave-ratio", "2"],
             r"argument --interleave-ratio: 2: must be in 0\.0\.\.1\.0",
         ),
+        (
+            evaluate.main,
+            ["--model", str(tmp_path / "pipe"), "--out", "s3://nd-none/eval"],
+            r"--out='s3://nd-none/eval': .*Bucket 'nd-none' not found.*",
+        ),
         (app.main, ["--serve.port", "0", "--serve.model_uri", "x"], r"serve\.port=0: must be a TCP port"),
         (app.main, ["--serve.model_uri", "models:/nd-none/3"], r"serve\.model_uri='models:/nd-none/3': .*nd-none"),
     ]
