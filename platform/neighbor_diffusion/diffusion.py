@@ -25,6 +25,7 @@ rows choose differently, the second branch is e_nn in some rows and e_nt in the 
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Callable, Sequence
 
@@ -293,7 +294,7 @@ def sample(
     cfg = model.config
     B = text_states.shape[0]
     device = text_states.device
-    seeds = [seed] * B if isinstance(seed, int) else [int(s) for s in seed]
+    seeds = [int(seed)] * B if isinstance(seed, numbers.Integral) else [int(s) for s in seed]
     if len(seeds) != B:
         raise ValueError(f"seed: got {len(seeds)} seeds for {B} rows")
     if x_T is None:

@@ -27,6 +27,8 @@ from neighbor_diffusion.data.images import grid_of_rows, text_cell
 from neighbor_diffusion.evaluation import baselines, benchmark
 
 CELL = 64  # pixels per image cell in sample grids
+# the settings that are `pipe.generate`'s keywords
+SAMPLING = ("num_inference_steps", "text_guidance", "neighbor_guidance", "guidance_mode", "interleave_ratio", "sampler")
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,7 @@ class EvalSettings:
 
     def sampling(self) -> dict[str, Any]:
         """`pipe.generate`'s sampling keywords that are set."""
-        names = ("num_inference_steps", "text_guidance", "neighbor_guidance", "guidance_mode", "interleave_ratio")
-        return {k: getattr(self, k) for k in (*names, "sampler") if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in SAMPLING if getattr(self, k) is not None}
 
 
 @dataclass
