@@ -97,11 +97,6 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
     t_start = time.perf_counter()
     # every path checked before the benchmark starts, not after it
     with cli_errors(p, (ConfigError, FileNotFoundError)):
-        out = storage.location(args.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}", "--out")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # e.g. no such bucket, no access
-            raise ConfigError(f"--out={str(out)!r}: {e}") from None
         model_dir = str(tracking.resolve_pipeline_dir(args.model, field="--model"))
         # a registered version (pinned now: an alias may move on while the benchmark runs) gets the scores too
         version, model_id = tracking.model_version(args.model) or (None, None)
@@ -113,6 +108,12 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
         for flag, path in (("--dreambench", args.dreambench), *(("--embedder", e) for e in args.embedder)):
             if path and not Path(path).is_dir():
                 raise FileNotFoundError(f"{flag}={path!r}: no such folder")
+        # the report's folder last: made now, so that a bad --out fails here, not after the benchmark
+        out = storage.location(args.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}", "--out")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. no such bucket, no access
+            raise ConfigError(f"--out={str(out)!r}: {e}") from None
     preset = args.preset or runner.load_config(model_dir).preset
     subjects, prompts, steps, validate = QUICK if args.quick else PRESET_SIZES.get(preset, PRESET_SIZES["cpu"])
     dreambooth_on = args.dreambooth if args.dreambooth is not None else not args.quick

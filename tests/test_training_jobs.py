@@ -410,6 +410,7 @@ def test_a_bad_setting_ends_a_job_or_the_server_in_one_line_naming_it(debug_data
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and err and re.fullmatch(rf".+?: error: {message}.*", err[-1]), (argv, err)
         assert not any("Traceback" in line for line in err), (argv, err)
+    assert not (tmp_path / "runs" / "eval").exists()  # no evaluation that failed its checks left a report folder
 
     # the real command, with Ray started: train.init_from is checked in the driver before any worker starts
     cmd = _train_cmd(debug_data, tmp_path / "runs", "bad-init", 4, "--train.init_from", "models:/nd-none@candidate")
