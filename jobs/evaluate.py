@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
     meta["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
 
     with tempfile.TemporaryDirectory() as tmp:  # a URI's report is written here first (MLflow logs local files)
-        folder = out if isinstance(out, Path) else Path(tmp)
+        folder = Path(tmp) if storage.is_uri(out) else out
         json_path, md_path = benchmark.write_report(folder, result.table, meta)
         grid_path = folder / "samples.png"
         result.grid.save(grid_path)

@@ -237,11 +237,10 @@ def guided_prediction(
         "no_neighbors": (text_states, text_mask, neighbors.without_neighbors() if neighbors is not None else None),
     }
     if "mixed" in branches:
-        rows = neighbor_rows
         conds["mixed"] = (
-            torch.where(rows[:, None, None], text_states, null_states),
-            torch.where(rows[:, None], text_mask, null_mask),
-            NeighborFeatures(neighbors.tokens, neighbors.mask & ~rows[:, None], neighbors.kv),
+            torch.where(neighbor_rows[:, None, None], text_states, null_states),
+            torch.where(neighbor_rows[:, None], text_mask, null_mask),
+            NeighborFeatures(neighbors.tokens, neighbors.mask & ~neighbor_rows[:, None], neighbors.kv),
         )
     chosen = [conds[b] for b in branches]
     n = len(chosen)
@@ -317,7 +316,8 @@ def sample(
         elif guidance_mode == "interleaved":
             rows = [feats is not None and c.random() < interleave_ratio for c in choices]
             branches = ("full", "no_neighbors" if all(rows) else "no_text" if not any(rows) else "mixed")
-            neighbor_rows = torch.tensor(rows, device=device)
+            if branches[1] == "mixed":  # a tensor only for the steps that use it
+                neighbor_rows = torch.tensor(rows, device=device)
         else:
             raise ValueError(f"guidance_mode={guidance_mode!r}: must be 'joint' or 'interleaved'")
         x_in = scheduler.scale_model_input(x, t)
