@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # for `ray job submit --working-dir .`
 
 from neighbor_diffusion import tracking  # noqa: E402
-from neighbor_diffusion.config import GUIDANCE_MODES, SAMPLERS, ConfigError, cli_errors  # noqa: E402
+from neighbor_diffusion.config import GUIDANCE_MODES, SAMPLERS, ConfigError, cli_errors, sampling_ranges  # noqa: E402
 from neighbor_diffusion.data import storage  # noqa: E402
 from neighbor_diffusion.evaluation import baselines, benchmark, metrics, runner  # noqa: E402
 
@@ -47,17 +47,14 @@ def _count(minimum: int):
     return parse
 
 
-def _number(low: float, high: float | None = None):
-    def parse(raw: str) -> float:
-        value = float(raw)
-        if not (low <= value if high is None else low <= value <= high):  # NaN too
-            raise argparse.ArgumentTypeError(
-                f"{raw}: must be " + (f">= {low}" if high is None else f"in {low}..{high}")
-            )
-        return value
-
-    parse.__name__ = "float"
-    return parse
+def _check_sampling(args: argparse.Namespace, ranges: dict) -> None:
+    """The sampling flags given, against `config.sampling_ranges` (a NaN is in no range)."""
+    flags = {"num_inference_steps": "steps"}
+    for name, allowed in ranges.items():
+        flag = flags.get(name, name)
+        value = getattr(args, flag)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"--{flag.replace('_', '-')}={value!r}: must be {allowed}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,11 +64,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="4 subjects x 2 prompts, 20 steps, no validation")
     p.add_argument("--subjects", type=_count(1), default=None, help="held-out subjects (default: by preset)")
     p.add_argument("--prompts", type=_count(1), default=None, help="prompts per subject (default: by preset)")
-    p.add_argument("--steps", type=_count(1), default=None, help="sampling steps (default: by preset / the model)")
-    p.add_argument("--text-guidance", type=_number(0.0), default=None, help="default: the model's")
-    p.add_argument("--neighbor-guidance", type=_number(0.0), default=None, help="default: the model's")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: by preset / the model)")
+    p.add_argument("--text-guidance", type=float, default=None, help="default: the model's")
+    p.add_argument("--neighbor-guidance", type=float, default=None, help="default: the model's")
     p.add_argument("--guidance-mode", choices=GUIDANCE_MODES, default=None, help="default: the model's")
-    p.add_argument("--interleave-ratio", type=_number(0.0, 1.0), default=None, help="default: the model's")
+    p.add_argument("--interleave-ratio", type=float, default=None, help="default: the model's")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the model's")
     p.add_argument("--text-only-model", default="", help="a model trained with neighbors always dropped")
     p.add_argument(
@@ -105,6 +102,9 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
             if args.text_only_model
             else ""
         )
+        model_cfg = runner.load_config(model_dir)
+        for cfg in (model_cfg, runner.load_config(text_only_dir)) if text_only_dir else (model_cfg,):
+            _check_sampling(args, sampling_ranges(cfg.diffusion))  # the flags as each model takes them
         for flag, path in (("--dreambench", args.dreambench), *(("--embedder", e) for e in args.embedder)):
             if path and not Path(path).is_dir():
                 raise FileNotFoundError(f"{flag}={path!r}: no such folder")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # e.g. no such bucket, no access
             raise ConfigError(f"--out={str(out)!r}: {e}") from None
-    preset = args.preset or runner.load_config(model_dir).preset
+    preset = args.preset or model_cfg.preset
     subjects, prompts, steps, validate = QUICK if args.quick else PRESET_SIZES.get(preset, PRESET_SIZES["cpu"])
     dreambooth_on = args.dreambooth if args.dreambooth is not None else not args.quick
 

@@ -58,7 +58,16 @@ from neighbor_diffusion.config import (
 )
 from neighbor_diffusion.tracking import is_registry_uri, resolve_pipeline_dir
 from serving.batching import Batcher
-from serving.schema import MAX_SEED, GenerationJob, Limits, describe, errors_of, request_model, to_job
+from serving.schema import (
+    MAX_SEED,
+    GenerationJob,
+    Limits,
+    describe,
+    errors_of,
+    request_model,
+    request_ranges,
+    to_job,
+)
 
 APP_NAME = "neighbor-diffusion"
 INGRESS = "NeighborDiffusionIngress"
@@ -166,6 +175,7 @@ class NeighborDiffusionModel:
                 "interleave_ratio": d.interleave_ratio,
                 "sampler": d.sampler,
             },
+            "limits": request_ranges(d, self.cfg),  # what a request's steps, guidance and ratio may be
             "batching": {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s},
             "neighbor_cache": self.cache.stats(),
             "replica": serve.get_replica_context().replica_id.unique_id,
@@ -291,7 +301,7 @@ class NeighborDiffusionIngress:
 
 
 def make_api(model: DeploymentHandle, cfg: ServeConfig, info: dict[str, Any]) -> FastAPI:
-    limits = Limits.of(cfg, info["max_neighbors"], info["image_size"])
+    limits = Limits.of(cfg, info["limits"], info["max_neighbors"], info["image_size"])
     GenerateRequest = request_model(limits)
     # The body is read by hand (size limit, two content types), so its schema is given to OpenAPI here.
     request_schema = GenerateRequest.model_json_schema()

@@ -2,11 +2,12 @@
 
 The request model is built at replica start from two sources of limits: the loaded
 pipeline (`model.max_neighbors`, the sampling defaults) and `ServeConfig` (prompt and
-image sizes, steps, guidance). So the OpenAPI schema at `/openapi.json` states the
-real limits, and pydantic rejects what breaks them with a 422 whose `loc` names the
-field. Images are validated here, in the ingress, by decoding them with the data
-package's `decode_image` (size checked before pixels are decoded: decompression
-bombs); the model replica only ever sees bytes that decoded once.
+image sizes, steps, guidance: `config.sampling_ranges`, as the pyfunc model checks them).
+So the OpenAPI schema at `/openapi.json` states the real limits (`/v1/models` the sampling
+ones), and pydantic rejects what breaks them with a 422 whose `loc` names the field.
+Images are validated here, in the ingress, by decoding them with the data package's
+`decode_image` (size checked before pixels are decoded: decompression bombs); the model
+replica only ever sees bytes that decoded once.
 
 JSON bodies carry images as base64 strings (a `data:image/...;base64,` prefix is
 accepted, as browsers produce it); multipart bodies carry them as files. Both use the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -34,7 +36,15 @@ from pydantic import (
     field_validator,
 )
 
-from neighbor_diffusion.config import GUIDANCE_MODES, MAX_SEED, SAMPLERS, ServeConfig
+from neighbor_diffusion.config import (
+    GUIDANCE_MODES,
+    MAX_SEED,
+    SAMPLERS,
+    DiffusionConfig,
+    Range,
+    ServeConfig,
+    sampling_ranges,
+)
 from neighbor_diffusion.data.images import ImageError, decode_image
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
@@ -49,24 +59,27 @@ class Limits:
     max_prompt_chars: int
     max_caption_chars: int
     max_images: int
-    max_steps: int
-    max_guidance: float
     max_image_bytes: int
     max_image_pixels: int
+    sampling: dict[str, Range]  # steps, guidance, ratio: `request_ranges`
 
     @classmethod
-    def of(cls, serve: ServeConfig, max_neighbors: int, image_size: int) -> Limits:
+    def of(cls, serve: ServeConfig, sampling: dict[str, Range], max_neighbors: int, image_size: int) -> Limits:
         return cls(
             max_neighbors=max_neighbors,
             image_size=image_size,
             max_prompt_chars=serve.max_prompt_chars,
             max_caption_chars=serve.max_caption_chars,
             max_images=serve.max_images,
-            max_steps=serve.max_steps,
-            max_guidance=serve.max_guidance,
             max_image_bytes=serve.max_image_bytes,
             max_image_pixels=serve.max_image_pixels,
+            sampling=sampling,
         )
+
+
+def request_ranges(diffusion: DiffusionConfig, serve: ServeConfig) -> dict[str, Range]:
+    """`config.sampling_ranges` by the request's field names (`steps` for `num_inference_steps`)."""
+    return {"steps" if k == "num_inference_steps" else k: r for k, r in sampling_ranges(diffusion, serve).items()}
 
 
 @dataclass
@@ -137,7 +150,10 @@ def request_model(limits: Limits) -> type[BaseModel]:
     ]
     Prompt = Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars), AfterValidator(_not_blank)]
     Caption = Annotated[str, Field(max_length=limits.max_caption_chars)]
-    Guidance = Annotated[float, Field(ge=0, le=limits.max_guidance, allow_inf_nan=False)]
+
+    def within(name: str, **kw: Any) -> Any:
+        r = limits.sampling[name]
+        return Field(None, ge=r.low, le=r.high if r.high != math.inf else None, **kw)
 
     def one_caption_per_image(captions: list[str] | None, info: ValidationInfo) -> list[str] | None:
         images = info.data.get("neighbor_images")  # absent when the images were invalid themselves
@@ -159,11 +175,11 @@ def request_model(limits: Limits) -> type[BaseModel]:
             Field(None, description="one caption per neighbor image (default: empty captions)"),
         ),
         num_images=(int, Field(1, ge=1, le=limits.max_images)),
-        steps=(int | None, Field(None, ge=1, le=limits.max_steps, description="denoising steps")),
-        text_guidance=(Guidance | None, None),
-        neighbor_guidance=(Guidance | None, None),
+        steps=(int | None, within("steps", description="denoising steps")),
+        text_guidance=(float | None, within("text_guidance", allow_inf_nan=False)),
+        neighbor_guidance=(float | None, within("neighbor_guidance", allow_inf_nan=False)),
         guidance_mode=(Literal[GUIDANCE_MODES] | None, None),  # type: ignore[valid-type]
-        interleave_ratio=(float | None, Field(None, ge=0, le=1, allow_inf_nan=False)),
+        interleave_ratio=(float | None, within("interleave_ratio", allow_inf_nan=False)),
         sampler=(Literal[SAMPLERS] | None, None),  # type: ignore[valid-type]
         seed=(int | None, Field(None, ge=0, le=MAX_SEED, description="default: random; returned in parameters")),
     )

@@ -146,10 +146,19 @@ def test_health_models_docs_and_page(server):
     assert client.get("/healthz").json()["status"] == "ok"
     info = client.get("/v1/models").json()["data"][0]
     assert info["max_neighbors"] == 3 and info["image_size"] == 32 and info["device"] == "cpu"
+    assert info["limits"] == {  # serve.max_steps=8, serve.max_guidance's default 30
+        "steps": {"low": 1, "high": 8},
+        "text_guidance": {"low": 0, "high": 30.0},
+        "neighbor_guidance": {"low": 0, "high": 30.0},
+        "interleave_ratio": {"low": 0, "high": 1},
+    }
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body)
-    assert body["application/json"]["schema"]["properties"]["neighbor_images"]["maxItems"] == 3
+    fields = body["application/json"]["schema"]["properties"]
+    assert fields["neighbor_images"]["maxItems"] == 3
+    steps, ratio = fields["steps"]["anyOf"][0], fields["interleave_ratio"]["anyOf"][0]
+    assert (steps["minimum"], steps["maximum"], ratio["minimum"], ratio["maximum"]) == (1, 8, 0, 1)
     assert client.get("/docs").status_code == 200
     assert "Neighbor Diffusion" in client.get("/").text
 
@@ -414,6 +423,7 @@ def test_demo_page_in_headless_chromium(server, tmp_path):
             page = browser.new_page()
             page.goto(f"{client.base_url}/")
             page.wait_for_function("document.getElementById('kmax').textContent === '3'")
+            assert page.get_attribute("#steps", "max") == "8"  # serve.max_steps, from /v1/models
             page.set_input_files("#neighbors", photos)
             page.fill("#captions", "a photo of the toy\nthe toy, side view")
             page.fill("#prompt", "a photo of the toy on a snowy field")

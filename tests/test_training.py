@@ -399,9 +399,9 @@ def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero
         if i == 0:
             assert np.abs(pixels[0] - ref).max() > 10  # not the joint guidance's image
     for bad, message in [
-        ({"num_inference_steps": 1000}, r"params: num_inference_steps: got 1000, need 1\.\.100 \(or 0: "),
-        ({"sampler": "euler"}, r"params: sampler: got 'euler', need one of ddim, dpm\+\+ \(or '': "),
-        ({"interleave_ratio": 1.5}, r"params: interleave_ratio: got 1.5, need 0\.\.1 "),
+        ({"num_inference_steps": 1000}, r"params: num_inference_steps: got 1000, must be in 1\.\.100 \(or 0: "),
+        ({"sampler": "euler"}, r"params: sampler: got 'euler', must be one of ddim, dpm\+\+ \(or '': "),
+        ({"interleave_ratio": 1.5}, r"params: interleave_ratio: got 1.5, must be in 0\.\.1 "),
         ({"text_guidance": float("nan")}, r"params: text_guidance: got nan"),
     ]:
         with pytest.raises(ValueError, match=message):

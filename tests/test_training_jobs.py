@@ -394,7 +394,12 @@ def test_a_bad_setting_ends_a_job_or_the_server_in_one_line_naming_it(debug_data
         (
             evaluate.main,
             ["--model", str(tmp_path / "pipe"), "--interleave-ratio", "2"],
-            r"argument --interleave-ratio: 2: must be in 0\.0\.\.1\.0",
+            r"--interleave-ratio=2\.0: must be in 0\.\.1",
+        ),
+        (  # the model's scheduler has 1000 training timesteps: no more sampling steps
+            evaluate.main,
+            ["--model", str(tmp_path / "pipe"), "--steps", "1001"],
+            r"--steps=1001: must be in 1\.\.1000",
         ),
         (
             evaluate.main,

@@ -113,6 +113,38 @@ MAX_SEED = 2**32 - 1  # the seeds a request (serving) or a pyfunc row may give
 
 
 @dataclass(frozen=True)
+class Range:
+    """An inclusive range of numbers; `x in r` is False for NaN."""
+
+    low: float
+    high: float = math.inf
+
+    def __contains__(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+    def __str__(self) -> str:
+        return f">= {self.low:g}" if self.high == math.inf else f"in {self.low:g}..{self.high:g}"
+
+
+def sampling_ranges(diffusion: DiffusionConfig, serve: ServeConfig | None = None) -> dict[str, Range]:
+    """The numeric sampling options a pipeline with this diffusion config takes, by `pipeline.generate`'s
+    keywords; with `serve`, the server's tighter bounds (`serve.max_steps`, `serve.max_guidance`). The one
+    definition that the config, the server's request schema, the pyfunc model's params and the evaluation's
+    flags check against (the other two options are choices: SAMPLERS, GUIDANCE_MODES)."""
+    max_steps = diffusion.num_train_timesteps  # a scheduler cannot take more steps than it was trained on
+    max_guidance = math.inf
+    if serve is not None:
+        max_steps, max_guidance = min(max_steps, serve.max_steps), serve.max_guidance
+    guidance = Range(0, max_guidance)
+    return {
+        "num_inference_steps": Range(1, max_steps),
+        "text_guidance": guidance,
+        "neighbor_guidance": guidance,
+        "interleave_ratio": Range(0, 1),
+    }
+
+
+@dataclass(frozen=True)
 class DiffusionConfig:
     """Noise schedule, training condition dropout and sampling defaults."""
 
@@ -175,25 +207,13 @@ class DiffusionConfig:
             "must be > 0",
         )
         _check(self.sampler in SAMPLERS, "diffusion.sampler", self.sampler, f"must be one of {SAMPLERS}")
-        _check(
-            1 <= self.num_inference_steps <= 1000,
-            "diffusion.num_inference_steps",
-            self.num_inference_steps,
-            "must be in 1..1000",
-        )
-        _check(self.text_guidance >= 0, "diffusion.text_guidance", self.text_guidance, "must be >= 0")
-        _check(self.neighbor_guidance >= 0, "diffusion.neighbor_guidance", self.neighbor_guidance, "must be >= 0")
+        for name, allowed in sampling_ranges(self).items():
+            _check(getattr(self, name) in allowed, f"diffusion.{name}", getattr(self, name), f"must be {allowed}")
         _check(
             self.guidance_mode in GUIDANCE_MODES,
             "diffusion.guidance_mode",
             self.guidance_mode,
             f"must be one of {GUIDANCE_MODES}",
-        )
-        _check(
-            0.0 <= self.interleave_ratio <= 1.0,
-            "diffusion.interleave_ratio",
-            self.interleave_ratio,
-            "must be in [0, 1]",
         )
         _check(
             self.thresholding in THRESHOLDING,

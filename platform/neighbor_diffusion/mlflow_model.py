@@ -30,7 +30,7 @@ import pandas as pd
 from mlflow.models import ModelSignature, set_model
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-from neighbor_diffusion.config import GUIDANCE_MODES, MAX_SEED, SAMPLERS, ServeConfig
+from neighbor_diffusion.config import GUIDANCE_MODES, MAX_SEED, SAMPLERS, Config, Range, sampling_ranges
 from neighbor_diffusion.tracking import PIPELINE_ARTIFACT
 
 SIGNATURE = ModelSignature(
@@ -68,7 +68,7 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         from neighbor_diffusion.model import NeighborFeatures
 
         params = params or {}
-        sampling = _sampling(params, self.pipe.config.serve)
+        sampling = _sampling(params, self.pipe.config)
         seed = _seed(params.get("seed", 0), "params: seed")
         rows = pd.DataFrame(model_input).to_dict("records")
         for i, row in enumerate(rows):  # every row checked before any is sampled: a bad row 900 loses nothing
@@ -111,25 +111,22 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         return prompt, neighbors, captions, _seed(row["seed"], f"row {i}: seed") if "seed" in row else seed
 
 
-def _sampling(params: dict, limits: ServeConfig) -> dict:
-    """`pipe.generate`'s sampling keywords from the params, checked against the server's limits; a param at
-    its default (0 steps, -1 guidance or ratio, "" mode or sampler) is left out: the model's default."""
+def _sampling(params: dict, config: Config) -> dict:
+    """`pipe.generate`'s sampling keywords from the params, checked against the server's limits
+    (`config.sampling_ranges` with `serve`); a param at its default (0 steps, -1 guidance or ratio, "" mode or
+    sampler) is left out: the model's default."""
+    allowed: dict = {**sampling_ranges(config.diffusion, config.serve), "guidance_mode": GUIDANCE_MODES}
+    allowed["sampler"] = SAMPLERS
     sampling: dict = {}
-    checks = {
-        "num_inference_steps": (0, lambda v: 1 <= v <= limits.max_steps, f"1..{limits.max_steps}"),
-        "text_guidance": (-1.0, lambda v: 0 <= v <= limits.max_guidance, f"0..{limits.max_guidance}"),
-        "neighbor_guidance": (-1.0, lambda v: 0 <= v <= limits.max_guidance, f"0..{limits.max_guidance}"),
-        "interleave_ratio": (-1.0, lambda v: 0 <= v <= 1, "0..1"),
-        "guidance_mode": ("", lambda v: v in GUIDANCE_MODES, f"one of {', '.join(GUIDANCE_MODES)}"),
-        "sampler": ("", lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
-    }
-    for name, (default, ok, need) in checks.items():
-        value = params.get(name, default)
-        if value == default:
+    for spec in SIGNATURE.params:
+        if spec.name not in allowed or params.get(spec.name, spec.default) == spec.default:
             continue
-        if not ok(value):  # NaN fails every range
-            raise ValueError(f"params: {name}: got {value!r}, need {need} (or {default!r}: the model's default)")
-        sampling[name] = value
+        value, need = params[spec.name], allowed[spec.name]
+        if value not in need:  # NaN is in no range
+            need = need if isinstance(need, Range) else f"one of {', '.join(need)}"
+            default = f"{spec.default!r}: the model's default"
+            raise ValueError(f"params: {spec.name}: got {value!r}, must be {need} (or {default})")
+        sampling[spec.name] = value
     return sampling
 
 
