@@ -335,7 +335,7 @@ def test_offloaded_optimizer_trains_like_the_one_on_the_worker(zero_runs, local_
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= files, files
 
 
-def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero_runs):
+def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero_runs, monkeypatch):
     import base64
     import io
 
@@ -366,6 +366,21 @@ def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero
         uri, json.dumps({"dataframe_records": [request], "params": {"num_inference_steps": 2}})
     )
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(served["image"][0]))), ref)
+    # a bad row or param there is a 400 ending with the line that names it (was MLflow's generic message)
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")  # init() sets it; restored after the test
+    scoring = TestClient(scoring_server.init(model))
+    for body, line in [
+        ({"dataframe_records": [{**request, "prompt": " "}]}, "row 0: prompt: must be a non-empty string"),
+        (
+            {"dataframe_records": [request], "params": {"sampler": "euler"}},
+            "params: sampler: got 'euler', must be one of ddim, dpm++ (or '': the model's default)",
+        ),
+    ]:
+        r = scoring.post("/invocations", json=body)
+        assert r.status_code == 400 and r.json()["message"].endswith(f"Error: {line}"), r.text[-500:]
     # batch inference: rows with as many neighbors share a generate() call; each row's image is its own
     pipe = model.unwrap_python_model().pipe
     calls = []

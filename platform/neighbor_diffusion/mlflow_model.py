@@ -27,7 +27,9 @@ from collections import defaultdict
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
 from neighbor_diffusion.config import GUIDANCE_MODES, MAX_SEED, SAMPLERS, Config, Range, sampling_ranges
@@ -57,6 +59,14 @@ SIGNATURE = ModelSignature(
 )
 
 
+class InvalidInput(MlflowException, ValueError):
+    """A bad row or param: a ValueError to a Python caller, and to a client of `mlflow models serve` a 400 whose
+    message ends with this one line (any other exception is MLflow's generic "unexpected error")."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from neighbor_diffusion.pipeline import NeighborDiffusionPipeline
@@ -67,12 +77,14 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         from neighbor_diffusion.data.images import encode_png, to_pil
         from neighbor_diffusion.model import NeighborFeatures
 
-        params = params or {}
-        sampling = _sampling(params, self.pipe.config)
-        seed = _seed(params.get("seed", 0), "params: seed")
-        rows = pd.DataFrame(model_input).to_dict("records")
-        for i, row in enumerate(rows):  # every row checked before any is sampled: a bad row 900 loses nothing
-            self._inputs(i, row, seed)
+        try:
+            sampling = _sampling(params or {}, self.pipe.config)
+            seed = _seed((params or {}).get("seed", 0), "params: seed")
+            rows = pd.DataFrame(model_input).to_dict("records")
+            for i, row in enumerate(rows):  # every row checked before any is sampled: a bad row 900 loses nothing
+                self._inputs(i, row, seed)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from e
         images: list[bytes] = [b""] * len(rows)
         step = self.pipe.config.serve.max_batch_size  # rows per generate() call, as a Serve replica batches
         for start in range(0, len(rows), step):
