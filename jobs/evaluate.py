@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
     n_validate = validate if args.validate is None else args.validate
     validation = {}
     if n_validate:
-        size = runner.load_config(model_dir).model.image_size
+        size = model_cfg.model.image_size
         print(f"[evaluate] validating the metrics on {n_validate} renders per check ...", flush=True)
         validation = metrics.validate_identity(n_validate, size) | metrics.validate_detectors(n_validate, size)
         validation |= metrics.validate_copy(n_validate, size)

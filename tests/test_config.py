@@ -58,6 +58,7 @@ def test_cli_overrides_any_field():
         ({"train.neighbor_lr_scale": "0"}, "train.neighbor_lr_scale"),
         ({"train.neighbor_gate_init": "nan"}, "train.neighbor_gate_init"),
         ({"serve.port": "70000"}, "serve.port"),
+        ({"serve.max_guidance": "inf"}, "serve.max_guidance"),
         ({"model.no_such_field": "1"}, "model.no_such_field"),
     ],
 )

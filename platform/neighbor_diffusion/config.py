@@ -441,7 +441,7 @@ class ServeConfig:
             _check(getattr(self, name) >= 1, f"serve.{name}", getattr(self, name), "must be >= 1")
         _check(self.host != "", "serve.host", self.host, "must not be empty (127.0.0.1 keeps it on loopback)")
         _check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0")
-        _check(self.max_guidance > 0, "serve.max_guidance", self.max_guidance, "must be > 0")
+        _check(0 < self.max_guidance < math.inf, "serve.max_guidance", self.max_guidance, "must be > 0 and finite")
         _check(self.num_cpus > 0, "serve.num_cpus", self.num_cpus, "must be > 0")
         _check(self.num_gpus >= 0 or self.num_gpus == -1, "serve.num_gpus", self.num_gpus, "must be >= 0, or -1 (auto)")
         _check(
