@@ -16,6 +16,7 @@ logged with the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -110,108 +111,123 @@ def main(argv: list[str] | None = None) -> runner.EvalResult:
                 raise FileNotFoundError(f"{flag}={path!r}: no such folder")
         # the report's folder last: made now, so that a bad --out fails here, not after the benchmark
         out = storage.location(args.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}", "--out")
+        made = not storage.is_uri(out) and not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # e.g. no such bucket, no access
             raise ConfigError(f"--out={str(out)!r}: {e}") from None
-    preset = args.preset or model_cfg.preset
-    subjects, prompts, steps, validate = QUICK if args.quick else PRESET_SIZES.get(preset, PRESET_SIZES["cpu"])
-    dreambooth_on = args.dreambooth if args.dreambooth is not None else not args.quick
-
     import ray
 
     started_ray = not ray.is_initialized()
-    if started_ray and os.environ.get("RAY_ADDRESS"):
-        ray.init()  # under `ray job submit`: the cluster's workers
-    elif started_ray:  # spare logical CPUs: actors must not take every CPU, or Ray Data stalls
-        ray.init(address="local", num_cpus=(os.cpu_count() or 2) + 2, include_dashboard=False, log_to_driver=False)
-    from ray.data import DataContext
+    run_id = None
+    try:
+        preset = args.preset or model_cfg.preset
+        subjects, prompts, steps, validate = QUICK if args.quick else PRESET_SIZES.get(preset, PRESET_SIZES["cpu"])
+        dreambooth_on = args.dreambooth if args.dreambooth is not None else not args.quick
 
-    DataContext.get_current().enable_progress_bars = False
-    resources = ray.cluster_resources()
-    settings = runner.EvalSettings(
-        model_dir=model_dir,
-        text_only_dir=text_only_dir,
-        num_subjects=args.subjects or subjects,
-        prompts_per_subject=args.prompts or prompts,
-        num_inference_steps=args.steps or steps,
-        text_guidance=args.text_guidance,
-        neighbor_guidance=args.neighbor_guidance,
-        guidance_mode=args.guidance_mode,
-        interleave_ratio=args.interleave_ratio,
-        sampler=args.sampler,
-        dreambooth=baselines.DreamBoothConfig(steps=args.dreambooth_steps, seed=args.seed) if dreambooth_on else None,
-        workers=args.workers or max(1, min(8, int(resources.get("CPU", 3)) - 2)),
-        gpus_per_worker=1.0 if resources.get("GPU", 0) >= 1 else 0.0,
-        seed=args.seed,
-        extra={"model_uri": args.model, "preset": preset, "quick": args.quick},
-    )
-    n_validate = validate if args.validate is None else args.validate
-    validation = {}
-    if n_validate:
-        size = model_cfg.model.image_size
-        print(f"[evaluate] validating the metrics on {n_validate} renders per check ...", flush=True)
-        validation = metrics.validate_identity(n_validate, size) | metrics.validate_detectors(n_validate, size)
-        validation |= metrics.validate_copy(n_validate, size)
+        if started_ray and os.environ.get("RAY_ADDRESS"):
+            ray.init()  # under `ray job submit`: the cluster's workers
+        elif started_ray:  # spare logical CPUs: actors must not take every CPU, or Ray Data stalls
+            ray.init(address="local", num_cpus=(os.cpu_count() or 2) + 2, include_dashboard=False, log_to_driver=False)
+        from ray.data import DataContext
 
-    shown = f"{args.model} (version {version.version})" if version else model_dir
-    print(
-        f"[evaluate] {shown}: {settings.num_subjects} subjects x {settings.prompts_per_subject} prompts, "
-        f"{settings.workers} workers, dreambooth {'on' if dreambooth_on else 'off'}",
-        flush=True,
-    )
-    result = runner.run(settings)
-    meta = runner.meta(settings, result) | {"metric_validation": validation}
-    if args.dreambench and args.embedder:
-        meta["dreambench"] = runner.dreambench_scores(settings, args.dreambench, args.embedder)
-        print(f"[evaluate] DreamBench-style: {meta['dreambench']}", flush=True)
-    elif args.dreambench:
-        print("[evaluate] --dreambench needs --embedder (a local CLIP or DINO folder); skipped", flush=True)
-    meta["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+        DataContext.get_current().enable_progress_bars = False
+        resources = ray.cluster_resources()
+        settings = runner.EvalSettings(
+            model_dir=model_dir,
+            text_only_dir=text_only_dir,
+            num_subjects=args.subjects or subjects,
+            prompts_per_subject=args.prompts or prompts,
+            num_inference_steps=args.steps or steps,
+            text_guidance=args.text_guidance,
+            neighbor_guidance=args.neighbor_guidance,
+            guidance_mode=args.guidance_mode,
+            interleave_ratio=args.interleave_ratio,
+            sampler=args.sampler,
+            dreambooth=baselines.DreamBoothConfig(steps=args.dreambooth_steps, seed=args.seed)
+            if dreambooth_on
+            else None,
+            workers=args.workers or max(1, min(8, int(resources.get("CPU", 3)) - 2)),
+            gpus_per_worker=1.0 if resources.get("GPU", 0) >= 1 else 0.0,
+            seed=args.seed,
+            extra={"model_uri": args.model, "preset": preset, "quick": args.quick},
+        )
+        n_validate = validate if args.validate is None else args.validate
+        validation = {}
+        if n_validate:
+            size = model_cfg.model.image_size
+            print(f"[evaluate] validating the metrics on {n_validate} renders per check ...", flush=True)
+            validation = metrics.validate_identity(n_validate, size) | metrics.validate_detectors(n_validate, size)
+            validation |= metrics.validate_copy(n_validate, size)
 
-    with tempfile.TemporaryDirectory() as tmp:  # a URI's report is written here first (MLflow logs local files)
-        folder = Path(tmp) if storage.is_uri(out) else out
-        json_path, md_path = benchmark.write_report(folder, result.table, meta)
-        grid_path = folder / "samples.png"
-        result.grid.save(grid_path)
-        (folder / "scores.jsonl").write_text("\n".join(json.dumps(r, default=str) for r in result.rows) + "\n")
-        files = [json_path, md_path, grid_path, folder / "scores.jsonl"]
-        if storage.is_uri(out):
-            for f in files:
-                (out / f.name).write_bytes(f.read_bytes())
-        if not args.no_mlflow:
-            run_id = tracking.start_run(EXPERIMENT, f"eval-{preset}", tags={"model": args.model, "quick": args.quick})
-            logger = tracking.RunLogger(run_id)
-            logger.params({k: v for k, v in meta.items() if k != "metric_validation"})
-            logger.metrics(
-                {
-                    f"{row['method']}/{k}": v
-                    for row in result.table
-                    for k, v in row.items()
-                    if isinstance(v, float) and v == v
-                }
-                | {f"validation/{k}": v for k, v in validation.items()},
-                step=0,
-                model_id=model_id,  # also metrics of the logged model the version was registered from
-            )
-            if version:  # and its headline numbers as tags, which the registry's lists show
-                from mlflow import MlflowClient
+        shown = f"{args.model} (version {version.version})" if version else model_dir
+        print(
+            f"[evaluate] {shown}: {settings.num_subjects} subjects x {settings.prompts_per_subject} prompts, "
+            f"{settings.workers} workers, dreambooth {'on' if dreambooth_on else 'off'}",
+            flush=True,
+        )
+        result = runner.run(settings)
+        meta = runner.meta(settings, result) | {"metric_validation": validation}
+        if args.dreambench and args.embedder:
+            meta["dreambench"] = runner.dreambench_scores(settings, args.dreambench, args.embedder)
+            print(f"[evaluate] DreamBench-style: {meta['dreambench']}", flush=True)
+        elif args.dreambench:
+            print("[evaluate] --dreambench needs --embedder (a local CLIP or DINO folder); skipped", flush=True)
+        meta["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
 
-                ours = result.table[0]  # the neighbor model's row
-                tags = {"eval.run_id": run_id, "eval.quick": args.quick, "eval.samples": int(ours["samples"])}
-                tags |= {f"eval.{k}": f"{ours[k]:.3f}" for k in ("identity", "text_fidelity", "copy_rate")}
-                client = MlflowClient()
-                for key, value in tags.items():
-                    client.set_model_version_tag(version.name, version.version, key, str(value))
-            tracking.log_table(run_id, result.table, "results_table.json")
-            tracking.log_files(run_id, files, "report")
-            tracking.end_run(run_id)
-            print(f"[evaluate] MLflow run {run_id} in experiment {EXPERIMENT}", flush=True)
-        print(md_path.read_text())
-        shown = f"{out / md_path.name}  grid: {out / grid_path.name}"
-        print(f"[evaluate] report: {shown}  ({meta['seconds']['total']:.0f} s)", flush=True)
-    if started_ray:
-        ray.shutdown()
+        with tempfile.TemporaryDirectory() as tmp:  # a URI's report is written here first (MLflow logs local files)
+            folder = Path(tmp) if storage.is_uri(out) else out
+            json_path, md_path = benchmark.write_report(folder, result.table, meta)
+            grid_path = folder / "samples.png"
+            result.grid.save(grid_path)
+            (folder / "scores.jsonl").write_text("\n".join(json.dumps(r, default=str) for r in result.rows) + "\n")
+            files = [json_path, md_path, grid_path, folder / "scores.jsonl"]
+            if storage.is_uri(out):
+                for f in files:
+                    (out / f.name).write_bytes(f.read_bytes())
+            if not args.no_mlflow:
+                run_id = tracking.start_run(
+                    EXPERIMENT, f"eval-{preset}", tags={"model": args.model, "quick": args.quick}
+                )
+                logger = tracking.RunLogger(run_id)
+                logger.params({k: v for k, v in meta.items() if k != "metric_validation"})
+                logger.metrics(
+                    {
+                        f"{row['method']}/{k}": v
+                        for row in result.table
+                        for k, v in row.items()
+                        if isinstance(v, float) and v == v
+                    }
+                    | {f"validation/{k}": v for k, v in validation.items()},
+                    step=0,
+                    model_id=model_id,  # also metrics of the logged model the version was registered from
+                )
+                if version:  # and its headline numbers as tags, which the registry's lists show
+                    from mlflow import MlflowClient
+
+                    ours = result.table[0]  # the neighbor model's row
+                    tags = {"eval.run_id": run_id, "eval.quick": args.quick, "eval.samples": int(ours["samples"])}
+                    tags |= {f"eval.{k}": f"{ours[k]:.3f}" for k in ("identity", "text_fidelity", "copy_rate")}
+                    client = MlflowClient()
+                    for key, value in tags.items():
+                        client.set_model_version_tag(version.name, version.version, key, str(value))
+                tracking.log_table(run_id, result.table, "results_table.json")
+                tracking.log_files(run_id, files, "report")
+                tracking.end_run(run_id)
+                print(f"[evaluate] MLflow run {run_id} in experiment {EXPERIMENT}", flush=True)
+            print(md_path.read_text())
+            shown = f"{out / md_path.name}  grid: {out / grid_path.name}"
+            print(f"[evaluate] report: {shown}  ({meta['seconds']['total']:.0f} s)", flush=True)
+    except BaseException:
+        if run_id:  # the MLflow run says it failed, not RUNNING for ever
+            tracking.end_run(run_id, "FAILED")
+        if made:  # a report folder this evaluation made and left empty (a failed benchmark) goes again
+            with contextlib.suppress(OSError):  # rmdir: only when empty
+                out.rmdir()
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
     return result
 
 

@@ -250,6 +250,54 @@ def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debu
     }  # fmt: skip
 
 
+def test_a_failed_evaluation_leaves_no_empty_report_folder_and_stops_its_ray(tmp_path, monkeypatch, debug_pipe):
+    import ray
+
+    from jobs import evaluate
+    from neighbor_diffusion.evaluation import runner
+
+    def dies(settings):
+        raise RuntimeError("generation actor died")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runner, "run", dies)
+    debug_pipe.save_pretrained(tmp_path / "pipe")
+    ray.shutdown()  # so that the job starts its own Ray, as from the command line
+    with pytest.raises(RuntimeError, match="generation actor died"):
+        evaluate.main(["--model", str(tmp_path / "pipe"), "--quick", "--validate", "0", "--no-mlflow"])
+    assert (tmp_path / "runs" / "eval").is_dir() and not any((tmp_path / "runs" / "eval").iterdir())
+    assert not ray.is_initialized()
+    (tmp_path / "mine").mkdir()  # a folder the caller made is theirs: kept, even empty
+    with pytest.raises(RuntimeError, match="generation actor died"):
+        evaluate.main(["--model", str(tmp_path / "pipe"), "--quick", "--validate", "0", "--no-mlflow", "--out", "mine"])
+    assert (tmp_path / "mine").is_dir()
+
+    # the benchmark done, MLflow failing midway: the report stays, the run is marked FAILED (was RUNNING for ever)
+    from PIL import Image
+
+    from neighbor_diffusion import tracking
+
+    examples = [{"subject_id": "s0", "neighbor_images": [None]}]
+    done = runner.EvalResult([{"method": "neighbor", "identity": 0.5}], [], {}, examples, Image.new("RGB", (4, 4)), {})
+    monkeypatch.setattr(runner, "run", lambda settings: done)
+
+    def full(*args, **kwargs):
+        raise OSError("artifact store full")
+
+    monkeypatch.setattr(tracking, "log_files", full)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(OSError, match="artifact store full"):
+        evaluate.main(["--model", str(tmp_path / "pipe"), "--quick", "--validate", "0", "--out", "kept"])
+    assert (tmp_path / "kept" / "results.json").is_file()
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name(evaluate.EXPERIMENT).experiment_id])
+    assert run.info.status == "FAILED"
+    assert not ray.is_initialized()
+
+
 def test_metric_names_mlflow_rejects_are_mapped_not_dropped(tmp_path, monkeypatch):
     """One invalid name used to make MLflow reject the whole batch: every evaluation metric was lost."""
     from mlflow import MlflowClient
