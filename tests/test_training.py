@@ -135,6 +135,34 @@ def test_resuming_a_run_of_another_model_is_refused_with_the_fields_named(tmp_pa
         check_resumable(_train_cfg(cfg, neighbor_lr_scale=5.0), tmp_path)
 
 
+def test_a_failed_training_ends_its_mlflow_run_as_failed_and_a_resume_runs_it_again(tmp_path, monkeypatch):
+    """Ray Train's error (max_failures used up, say) used to leave the MLflow run RUNNING in the UI for ever."""
+    import types
+
+    from mlflow import MlflowClient
+
+    from neighbor_diffusion.training import trainer
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(trainer, "start_ray", lambda cfg: None)  # no Ray needed: the trainer is a stand-in
+    seen = []
+
+    class DiesAfterFit:
+        def fit(self):
+            seen.append(MlflowClient().get_run(run_id()).info.status)
+            return types.SimpleNamespace(error=RuntimeError("the worker group died 3 times"))
+
+    def run_id():
+        return (tmp_path / "runs" / "smoke" / "mlflow_run_id").read_text()
+
+    monkeypatch.setattr(trainer, "build_trainer", lambda *args, **kwargs: DiesAfterFit())
+    for _ in range(2):  # the same run name again resumes the same MLflow run, RUNNING while it trains
+        with pytest.raises(RuntimeError, match="the worker group died 3 times"):
+            trainer.train(_cfg(tmp_path), {})
+        assert MlflowClient().get_run(run_id()).info.status == "FAILED"
+    assert seen == ["RUNNING", "RUNNING"]
+
+
 def _train_cfg(cfg, **train):
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
 

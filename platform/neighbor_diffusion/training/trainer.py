@@ -257,26 +257,34 @@ def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "c
     run_dir = storage.location(storage_root(cfg), "train.storage_path") / cfg.train.run_name  # a folder or a URI
     check_resumable(cfg, run_dir)
     run_id = _mlflow_run(cfg, run_dir)
-    init_ref = ray.put(init_weights) if init_weights else None
-    result = build_trainer(cfg, datasets, run_id, init_ref).fit()
-    if result.error:
-        raise result.error
-    # the exported pipeline is a local folder (registered from there): beside the checkpoints, or in runs/
-    out_dir = (run_dir if isinstance(run_dir, Path) else Path("runs") / cfg.train.run_name) / "pipeline"
-    with result.checkpoint.as_directory() as d:
-        pipe = export_pipeline(cfg, Path(d), out_dir)
-    logger = tracking.RunLogger(run_id, mlflow.get_tracking_uri())
-    logger.held_out(cfg, pipe.unet, cfg.train.steps, out_dir=out_dir.parent)
-    model_uri = None
-    if register:
-        version = tracking.register_pipeline(
-            run_id, out_dir, cfg.train.registered_model, alias, tags={"preset": cfg.preset, "steps": cfg.train.steps}
-        )
-        model_uri = f"models:/{cfg.train.registered_model}@{alias}"
-        print(f"[train] registered {cfg.train.registered_model} version {version.version} as {model_uri}")
-    from mlflow import MlflowClient
+    try:
+        init_ref = ray.put(init_weights) if init_weights else None
+        result = build_trainer(cfg, datasets, run_id, init_ref).fit()
+        if result.error:
+            raise result.error
+        # the exported pipeline is a local folder (registered from there): beside the checkpoints, or in runs/
+        out_dir = (run_dir if isinstance(run_dir, Path) else Path("runs") / cfg.train.run_name) / "pipeline"
+        with result.checkpoint.as_directory() as d:
+            pipe = export_pipeline(cfg, Path(d), out_dir)
+        logger = tracking.RunLogger(run_id, mlflow.get_tracking_uri())
+        logger.held_out(cfg, pipe.unet, cfg.train.steps, out_dir=out_dir.parent)
+        model_uri = None
+        if register:
+            version = tracking.register_pipeline(
+                run_id,
+                out_dir,
+                cfg.train.registered_model,
+                alias,
+                tags={"preset": cfg.preset, "steps": cfg.train.steps},
+            )
+            model_uri = f"models:/{cfg.train.registered_model}@{alias}"
+            print(f"[train] registered {cfg.train.registered_model} version {version.version} as {model_uri}")
+        from mlflow import MlflowClient
 
-    client = MlflowClient()
-    client.set_tag(run_id, "checkpoint", result.checkpoint.path)
-    client.set_terminated(run_id)
-    return TrainOutcome(run_id, out_dir, dict(result.metrics or {}), model_uri, result.checkpoint.path)
+        client = MlflowClient()
+        client.set_tag(run_id, "checkpoint", result.checkpoint.path)
+        client.set_terminated(run_id)
+        return TrainOutcome(run_id, out_dir, dict(result.metrics or {}), model_uri, result.checkpoint.path)
+    except BaseException as e:  # the MLflow run says how it ended (was RUNNING for ever); a resume sets RUNNING again
+        mlflow.MlflowClient().set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
