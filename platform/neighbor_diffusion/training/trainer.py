@@ -286,5 +286,5 @@ def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "c
         client.set_terminated(run_id)
         return TrainOutcome(run_id, out_dir, dict(result.metrics or {}), model_uri, result.checkpoint.path)
     except BaseException as e:  # the MLflow run says how it ended (was RUNNING for ever); a resume sets RUNNING again
-        mlflow.MlflowClient().set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracking.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
