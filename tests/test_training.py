@@ -320,6 +320,7 @@ def test_zero_stage_trains_checkpoints_and_registers(zero_runs, stage):
     # MLflow: params, metrics, a sample grid, a registered version loading by alias
     client = MlflowClient()
     run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
     assert run.data.params["train.zero_stage"] == str(stage) and "model.num_parameters" in run.data.params
     assert {"loss", "lr", "grad_norm", "samples_per_s", "data_wait_fraction"} <= set(run.data.metrics)
     assert run.data.metrics["grad_norm"] > 0

@@ -281,9 +281,8 @@ def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "c
             print(f"[train] registered {cfg.train.registered_model} version {version.version} as {model_uri}")
         from mlflow import MlflowClient
 
-        client = MlflowClient()
-        client.set_tag(run_id, "checkpoint", result.checkpoint.path)
-        client.set_terminated(run_id)
+        MlflowClient().set_tag(run_id, "checkpoint", result.checkpoint.path)
+        tracking.end_run(run_id)
         return TrainOutcome(run_id, out_dir, dict(result.metrics or {}), model_uri, result.checkpoint.path)
     except BaseException as e:  # the MLflow run says how it ended (was RUNNING for ever); a resume sets RUNNING again
         tracking.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
