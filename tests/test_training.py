@@ -75,8 +75,11 @@ def test_ema_tracks_the_weights(model):
 
 
 def test_neighbor_use_is_one_with_shut_gates_and_moves_when_they_open(cfg, model):
-    from neighbor_diffusion.training.samples import neighbor_use
+    from neighbor_diffusion.training.samples import _held_out_key, neighbor_use
 
+    # its examples and bounds are computed once for runs that differ in how they train, not in what they see
+    other_world = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=cfg.data.seed + 1))
+    assert _held_out_key(cfg) == _held_out_key(_train_cfg(cfg, zero_stage=3)) != _held_out_key(other_world)
     shut = neighbor_use(cfg, model)
     ts = ("t299", "t599", "t899", "t989")
     ratios = {f"neighbor_{m}_ratio{t}" for m in ("loss", "identity") for t in ("", *(f"_{t}" for t in ts))}
@@ -100,7 +103,7 @@ def test_x0_error_is_the_loss_in_x0_units(cfg, model, monkeypatch, prediction_ty
     """A model whose x0 estimate is 0 everywhere has the x0 error mean(x0^2), whatever it parametrises and
     however the loss weights t."""
     from neighbor_diffusion import diffusion
-    from neighbor_diffusion.training.samples import _neighbor_use_batch, neighbor_use
+    from neighbor_diffusion.training.samples import _held_out_key, _neighbor_use_batch, neighbor_use
 
     dcfg = dataclasses.replace(cfg.diffusion, prediction_type=prediction_type, snr_gamma=snr_gamma)
     cfg = dataclasses.replace(cfg, diffusion=dcfg)
@@ -113,7 +116,7 @@ def test_x0_error_is_the_loss_in_x0_units(cfg, model, monkeypatch, prediction_ty
 
     monkeypatch.setattr(model, "forward", zero_x0)
     use = neighbor_use(cfg, model)
-    expected = _neighbor_use_batch(cfg.to_json())["image"].pow(2).mean().item()
+    expected = _neighbor_use_batch(_held_out_key(cfg))["image"].pow(2).mean().item()
     assert use["x0_error_t989"] == pytest.approx(expected, rel=1e-3)
     assert use["x0_error_t989_no_neighbors"] == pytest.approx(expected, rel=1e-3)
 

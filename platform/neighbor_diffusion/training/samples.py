@@ -38,6 +38,14 @@ NEIGHBOR_USE_EXAMPLES = 32
 NEIGHBOR_USE_T = (0.3, 0.6, 0.9, 0.99)
 
 
+def _held_out_key(cfg: Config) -> str:
+    """The key of the caches below: what the held-out examples, their batch and the bounds depend on (the
+    world, the model's image size and neighbors, the text encoder), so that runs differing only in how they
+    train (the ZeRO stages of the smoke tests, a benchmark's runs) share them (the bounds alone took 7 s
+    of each debug-preset run)."""
+    return Config(model=cfg.model, text=cfg.text, data=cfg.data).to_json()
+
+
 @functools.lru_cache(maxsize=4)
 def _examples(cfg_json: str, count: int = NUM_SUBJECTS) -> list[dict]:
     """`count` held-out examples: the first subjects, or each subject several times (other seeds) when there
@@ -67,7 +75,7 @@ def sample_grid(cfg: Config, unet: NeighborUNet, num_inference_steps: int | None
     device = next(unet.parameters()).device
     pipe = NeighborDiffusionPipeline(unet, _text_encoder(cfg.text.encoder, cfg.text.max_length), cfg, device)
     was_training = unet.training
-    examples = _examples(cfg.to_json())
+    examples = _examples(_held_out_key(cfg))
     rows = []
     for i, ex in enumerate(examples):
         sample = pipe(
@@ -163,7 +171,7 @@ def neighbor_use(cfg: Config, unet: NeighborUNet) -> dict[str, float]:
     from neighbor_diffusion import diffusion
 
     device = next(unet.parameters()).device
-    batch = {k: v.to(device) for k, v in _neighbor_use_batch(cfg.to_json()).items()}
+    batch = {k: v.to(device) for k, v in _neighbor_use_batch(_held_out_key(cfg)).items()}
     other = {k: v.roll(1, 0) if k.startswith("neighbor_") else v for k, v in batch.items()}
     B = batch["image"].shape[0]
     scheduler = diffusion.train_scheduler(cfg.diffusion)
@@ -189,4 +197,4 @@ def neighbor_use(cfg: Config, unet: NeighborUNet) -> dict[str, float]:
     to_x0 = diffusion.x0_error_per_loss(scheduler, t[:1], cfg.diffusion).item()
     out[f"x0_error_t{int(t[0])}"] = with_n.item() * to_x0
     out[f"x0_error_t{int(t[0])}_no_neighbors"] = without.item() * to_x0
-    return {**out, **x0_error_bounds(cfg.to_json())}
+    return {**out, **x0_error_bounds(_held_out_key(cfg))}
