@@ -131,8 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         window["n"] += 1
         window["time"] += time.perf_counter() - step_start
         done = step + 1
-        metrics: dict[str, float] = {}
-        if done % t.log_every == 0 or done == t.steps or done % t.checkpoint_every == 0:
+        if done % t.log_every == 0 or done == t.steps or done % t.checkpoint_every == 0:  # a checkpoint reports these
             # on the engine's device: NCCL (the GPU backend) reduces only CUDA tensors
             loss_t = torch.tensor(window["loss"] / window["n"], device=engine.device)
             torch.distributed.all_reduce(loss_t)  # mean over ranks, for the log only
@@ -162,7 +161,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report at every log step held steps to 2 s each (the
         # ZeRO smoke runs, debug preset with log_every 1: 8 steps in 16 s, 6-7 s without)
         if done % t.checkpoint_every == 0 or done == t.steps:
-            _save_and_report(engine, ema, cfg, rank, done, metrics or {"step": done})
+            _save_and_report(engine, ema, cfg, rank, done, metrics)
     if rank == 0:
         print(f"[train] finished {t.steps - start_step} steps in {time.perf_counter() - run_start:.0f}s", flush=True)
         log.metrics({"model_state_bytes_rank0": E.model_state_bytes(engine)["total_bytes"]}, step=t.steps)
