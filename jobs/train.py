@@ -36,7 +36,17 @@ def _train(cfg: C.Config, *, register: bool) -> trainer.TrainOutcome:
             f"no mined clusters at {paths['base']}: run `python jobs/prepare_data.py --preset "
             f"{cfg.preset} --data.root {cfg.data.root}` first"
         )
-    num_clusters = json.loads(paths["manifest"].read_text())["clusters_out"]
+    manifest = json.loads(paths["manifest"].read_text())
+    if not cfg.data.input:  # the synthetic world: the held-out subjects of the samples are drawn from these
+        mined = manifest.get("config", {})
+        for name in ("num_subjects", "num_heldout_subjects", "seed"):
+            if name in mined and mined[name] != getattr(cfg.data, name):
+                raise C.ConfigError(
+                    f"data.{name}={getattr(cfg.data, name)}, but {paths['base']} was mined with {mined[name]}: "
+                    f"its held-out subjects are others, some of them trained on; give {mined[name]}, or run "
+                    f"`python jobs/prepare_data.py` with data.{name}={getattr(cfg.data, name)} first"
+                )
+    num_clusters = manifest["clusters_out"]
     trainer.start_ray(cfg)
     from ray.data import DataContext
 

@@ -46,6 +46,10 @@ def _status(rec) -> str:
         (_record(caption=b"Buy Now"), "caption_junk"),
         (_record(caption=None), "caption_missing"),
         (_record(meta={"url": "https://cdn.example.com/x.jpg"}), "missing_page_url"),
+        (_record(meta={"page_url": "   "}), "missing_page_url"),
+        (_record(meta={"page_url": "http://shop.example.com:abc/p"}), "bad_page_url"),  # urllib: ValueError
+        (_record(meta={"page_url": "http://shop.example.com:70000/p"}), "bad_page_url"),
+        (_record(meta={"page_url": "http://[shop.example.com/p"}), "bad_page_url"),
         (dict(_record(), meta=b"{not json"), "bad_metadata"),
         (dict(_record(), image=None), "missing_image"),
     ],
@@ -76,6 +80,10 @@ def test_caption_cleanup_and_url_normalisation():
     ]
     assert len({mining.normalize_page_url(u) for u in variants}) == 1
     assert mining.normalize_page_url("https://a.com/p?id=1") != mining.normalize_page_url("https://a.com/p?id=2")
+    # a bare query names its page too (parse_qsl drops "12345" unless it keeps blank values)
+    assert mining.normalize_page_url("https://a.com/item.php?12345") != mining.normalize_page_url(
+        "https://a.com/item.php?67890"
+    )
 
 
 def _tar(members):
@@ -101,6 +109,18 @@ def test_parse_tar_truncated_and_duplicate_keys():
     assert [r["key"] for r in cut] == ["a1", "a2", "a2", "a3"][: len(cut)]
     header_cut, damage = mining.parse_tar(data[:1100], "s.tar")  # cut inside a header: tarfile sees EOF
     assert damage.startswith("the tar is cut short")
+
+
+def test_a_crawl_file_is_named_by_its_path_below_data_input():
+    """Two img2dataset runs in one input folder both have a 00000.tar with keys 000000000...: two shards, so that
+    the duplicate check (first good occurrence by shard and index) keeps one copy, not none."""
+    data = _tar([("000000001.jpg", _jpeg()), ("000000001.txt", b"a toy"), ("000000001.json", b"{}")])
+    shards = [
+        mining._read_file_rows({"path": f"bucket/in/{run}/00000.tar", "bytes": data}, "bucket/in/")[0]["shard"]
+        for run in ("run1", "run2")
+    ]
+    assert shards == ["run1/00000.tar", "run2/00000.tar"]
+    assert mining._read_file_rows({"path": "/in/00000.tar", "bytes": data}, "/in")[0]["shard"] == "00000.tar"
 
 
 def _parquet(table, row_group_size=2) -> bytes:
@@ -130,6 +150,15 @@ def test_parse_parquet_keeps_what_is_readable_and_names_what_is_not(tmp_path):
     assert statuses == [mining.OK] * 5 + ["missing_page_url"]  # a null page_url is no page_url
     same, _ = mining.parse_parquet(_parquet(pa.table(columns | {"image": columns["jpg"]}).drop(["jpg"])), "i.parquet")
     assert [r["image"] for r in same] == columns["jpg"]  # an `image` column serves as well as `jpg`
+    # ... and one of structs {bytes, path}, as Hugging Face datasets write images; another type is no image
+    structs = [{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(columns["jpg"])]
+    hf, _ = mining.parse_parquet(_parquet(pa.table(columns | {"image": structs}).drop(["jpg"])), "hf.parquet")
+    assert [r["image"] for r in hf] == columns["jpg"] and [_status(r) for r in hf] == statuses
+    odd = columns | {"jpg": [f"{i}.jpg" for i in range(6)], "caption": list(range(6))}  # paths, numbers
+    odd_records, _ = mining.parse_parquet(_parquet(pa.table(odd)), "odd.parquet")
+    assert [_status(r) for r in odd_records] == ["missing_image"] * 6
+    numbers, _ = mining.parse_parquet(_parquet(pa.table(columns | {"caption": list(range(6))})), "n.parquet")
+    assert [_status(r) for r in numbers] == ["caption_missing"] * 5 + ["missing_page_url"]
 
     # a row group whose page header is damaged: the other row groups are kept, the file is named
     pf = pq.ParquetFile(io.BytesIO(data))
@@ -313,3 +342,30 @@ def test_data_on_object_storage_is_the_data_on_disk(mined, s3):
         mining.crawl_files("s3://nd-test/none", "webdataset")
     with pytest.raises(ConfigError, match=r"data\.root='nope://x': cannot open it"):
         mining.layout(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root="nope://x")))
+
+
+def test_a_given_crawl_is_not_scored_against_the_world_and_a_failed_write_leaves_no_manifest(mined, tmp_path):
+    """data.input names a crawl of its own: the synthetic world's ground truth beside data.root (from an earlier
+    prepare_data) is not its truth. And a mining that fails once the old shards are gone takes their manifest
+    with them, so that training does not take a partial folder for the old data."""
+    import shutil
+
+    import ray
+
+    cfg, out, manifest = mined
+    base = tmp_path / cfg.preset
+    base.mkdir()
+    shutil.copy(out / "ground_truth.parquet", base / "ground_truth.parquet")
+    given = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(tmp_path), input=str(out / "crawl")))
+    broken = dataclasses.replace(given, text=dataclasses.replace(given.text, encoder=str(tmp_path / "no-encoder")))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        got = mining.mine(given)
+        assert "filter" not in got and got["clusters_out"] == manifest["clusters_out"]
+        assert (base / "manifest.json").is_file() and list((base / "clusters").glob("*.parquet"))
+        with pytest.raises(Exception, match="no-encoder"):
+            mining.mine(broken)
+    finally:
+        ray.shutdown()
+    assert not (base / "manifest.json").exists()
+    assert "filter" in manifest  # the world's own crawl is scored

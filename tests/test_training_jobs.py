@@ -375,6 +375,11 @@ def test_a_bad_setting_ends_a_job_or_the_server_in_one_line_naming_it(debug_data
             ["--preset", "debug", "--data.root", "nope://data"],
             r"data\.root='nope://data': cannot open it .*",
         ),
+        (  # the world's split differs from the mined data's: the samples' held-out subjects would be trained on
+            train.main,
+            ["--preset", "debug", "--data.root", str(debug_data), "--data.num_heldout_subjects", "5"],
+            r"data\.num_heldout_subjects=5, but .*debug was mined with 8: its held-out subjects are others, .*",
+        ),
         (evaluate.main, ["--model", str(tmp_path / "nope")], r"--model='.*nope': not a pipeline folder"),
         (
             evaluate.main,

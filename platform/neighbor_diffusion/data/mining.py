@@ -158,15 +158,22 @@ def _parquet_record(row: dict[str, Any], shard: str, index: int) -> dict[str, An
     key = "" if row["key"] is None else str(row["key"])
     meta = {"key": key} | {c: row[c] for c in ("url", "page_url", "width", "height") if not _absent(row.get(c))}
     image, caption = row.get("jpg", row.get("image")), row.get("caption")
-    return {"key": key, "shard": shard, "index": index, "image": image, "ext": "jpg",
-            "caption": caption.encode() if isinstance(caption, str) else caption,
+    if isinstance(image, dict):  # an image struct {bytes, path}, as Hugging Face datasets write it
+        image = image.get("bytes")
+    if isinstance(caption, str):
+        caption = caption.encode()
+    return {"key": key, "shard": shard, "index": index, "ext": "jpg",
+            "image": image if isinstance(image, bytes) else None,  # another type (a path string): no image
+            "caption": caption if isinstance(caption, bytes) else None,  # a number: no caption
             "meta": json.dumps(meta).encode()}  # fmt: skip
 
 
-def _read_file_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
+def _read_file_rows(row: dict[str, Any], root: str = "") -> list[dict[str, Any]]:
     """Ray flat_map: one crawl file (a .tar or a .parquet) -> its records, plus a marker row (index -1,
-    the damage as its caption) when the file is damaged."""
-    shard = Path(row["path"]).name
+    the damage as its caption) when the file is damaged. A record's `shard` is the file's path below
+    `root` (data.input): two runs' `00000.tar` in two subfolders are two shards."""
+    path, root = row["path"], root.rstrip("/") + "/"
+    shard = path[len(root) :] if root != "/" and path.startswith(root) else Path(path).name
     parse = parse_tar if shard.endswith(".tar") else parse_parquet
     records, damage = parse(row["bytes"], shard)
     if damage:
@@ -211,13 +218,14 @@ _TRACKING = re.compile(r"^(utm_\w+|ref|fbclid|gclid|mc_\w+|source)$", re.I)
 
 
 def normalize_page_url(url: str) -> str:
-    """Spellings of one page -> one id: scheme, case, www., tracking parameters, fragment, slash."""
+    """Spellings of one page -> one id: scheme, case, www., tracking parameters, fragment, slash.
+    ValueError for a URL that does not parse (a port that is no number or out of range, an unclosed "[")."""
     parts = urllib.parse.urlsplit(url.strip())
     host = (parts.hostname or "").lower().removeprefix("www.")
     if parts.port and parts.port not in (80, 443):
         host += f":{parts.port}"
-    query = urllib.parse.urlencode(
-        sorted((k, v) for k, v in urllib.parse.parse_qsl(parts.query) if not _TRACKING.match(k))
+    query = urllib.parse.urlencode(  # a bare "?12345" names a page as "?id=12345" does
+        sorted((k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if not _TRACKING.match(k))
     )
     path = parts.path.rstrip("/") or "/"
     return f"{host}{path}" + (f"?{query}" if query else "")
@@ -253,10 +261,14 @@ def validate_record(rec: dict[str, Any], image_size: int, min_side: int, max_pix
         return out
     out["url"] = str(meta.get("url") or "")
     page_url = meta.get("page_url")
-    if not page_url or not isinstance(page_url, str):
+    if not isinstance(page_url, str) or not page_url.strip():
         out["status"] = "missing_page_url"
         return out
-    out["page"] = normalize_page_url(page_url)
+    try:
+        out["page"] = normalize_page_url(page_url)
+    except ValueError:
+        out["status"] = "bad_page_url"
+        return out
     out["caption"], reason = clean_caption(rec.get("caption"))
     if reason != OK:
         out["status"] = reason
@@ -478,8 +490,8 @@ def _flag_absent(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def _read_file_flagged(row: dict[str, Any]) -> list[dict[str, Any]]:
-    return [_flag_absent(r) for r in _read_file_rows(row)]
+def _read_file_flagged(row: dict[str, Any], root: str = "") -> list[dict[str, Any]]:
+    return [_flag_absent(r) for r in _read_file_rows(row, root)]
 
 
 def layout(cfg: Config) -> dict[str, Path | Location]:
@@ -524,7 +536,7 @@ def read_crawl(input_dir: Path | Location, fmt: str):
     files, fs = crawl_files(input_dir, fmt), storage.filesystem(input_dir)
     # one task per file, Parquet too: a damaged file keeps what is readable and is named (`_read_file_rows`)
     ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=len(files), filesystem=fs)
-    return ds.flat_map(_read_file_flagged), len(files)
+    return ds.flat_map(_read_file_flagged, fn_kwargs={"root": storage.ray_path(input_dir)}), len(files)
 
 
 def _truth_table(path: Path | Location) -> dict[str, dict[str, Any]] | None:
@@ -560,7 +572,8 @@ def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: s
     paths = layout(cfg)
     input_dir = storage.location(input_dir or paths["crawl"], "data.input")
     out_dir = storage.location(out_dir or paths["base"], "data.root")
-    truth_path = storage.location(truth_path) if truth_path else paths["ground_truth"]
+    # the synthetic world's ground truth scores its own crawl only, not a crawl given as data.input
+    truth_path = storage.location(truth_path) if truth_path else None if cfg.data.input else paths["ground_truth"]
     clusters_dir = out_dir / "clusters"
     d, size = cfg.data, cfg.model.image_size
     t0 = time.perf_counter()
@@ -607,7 +620,10 @@ def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: s
     )
     gstats = groups.select_columns(["cluster_id", "status", "num_members", "keys", "rejected_keys"]).to_pandas()
 
-    # 4. caption embeddings (actor pool) -> Parquet cluster shards
+    # 4. caption embeddings (actor pool) -> Parquet cluster shards. The old manifest goes with the old shards:
+    # a write that fails half way leaves no manifest for training to take the partial folder by
+    if (out_dir / "manifest.json").is_file():
+        (out_dir / "manifest.json").unlink()
     storage.remove_files(clusters_dir, ".parquet")
     good_groups = groups.filter(expr=f"status == '{OK}'").drop_columns(["status", "rejected_keys"])
     encoded = good_groups.map_batches(
@@ -664,7 +680,7 @@ def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: s
         "pairs_per_s": round(len(real_rows) / wall, 1),
         "config": cfg.data.__dict__ | {"image_size": size},
     }
-    truth = _truth_table(truth_path)
+    truth = _truth_table(truth_path) if truth_path else None
     if truth is not None:
         manifest["filter"] = _filter_scores(table, gstats, truth)
     out_dir.mkdir(parents=True, exist_ok=True)
