@@ -53,6 +53,22 @@ def test_inconsistent_batch_sizes_are_rejected_with_the_keys_named(tmp_path):
             {**E.deepspeed_config(C.debug(), 1, False), "bf16": {"enabled": True}, "fp16": {"enabled": True}},
             world_size=1,
         )
+    # what the loop does by train.* an override may not change (consistent batch sizes passed: DeepSpeed then
+    # stepped the optimizer every 4th loop step, the LR schedule 4x slower); other keys are merged
+    for extra, message in [
+        ({"gradient_accumulation_steps": 4, "train_batch_size": 64}, r"sets gradient_accumulation_steps=4, where the "
+         r"loop follows train\.grad_accum \(1 here\): set train\.grad_accum instead"),
+        ({"zero_optimization": {"stage": 3}}, r"sets zero_optimization\.stage=3, .* train\.zero_stage \(0 here\)"),
+        ({"bf16": {"enabled": True}}, r"sets bf16\.enabled=True, .* train\.precision"),
+    ]:  # fmt: skip
+        override.write_text(json.dumps(extra))
+        with pytest.raises(C.ConfigError, match=message):
+            E.deepspeed_config(cfg, world_size=2, use_gpu=False)
+    override.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}}))
+    assert E.deepspeed_config(cfg, 2, False)["zero_optimization"] == {"stage": 0, "reduce_bucket_size": 1000}
+    override.write_text("{not json")
+    with pytest.raises(C.ConfigError, match=r"train\.deepspeed_overrides='.*ds\.json': Expecting"):
+        E.deepspeed_config(cfg, 2, False)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -128,14 +144,28 @@ def test_resuming_a_run_of_another_model_is_refused_with_the_fields_named(tmp_pa
     (tmp_path / "checkpoint_1").mkdir()
     progress = {"step": 4, "config": json.loads(cfg.to_json())}
     (tmp_path / "checkpoint_1" / E.PROGRESS_FILE).write_text(json.dumps(progress))
-    check_resumable(cfg, tmp_path)  # same model: resumes, and says so
+    assert check_resumable(cfg, tmp_path)  # same model: resumes, and says so
     assert "has a checkpoint at step 4: resuming" in capsys.readouterr().out
+    assert not check_resumable(cfg, tmp_path / "elsewhere")
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, block_out_channels=(16, 64)))
     with pytest.raises(ValueError, match=r"model\.block_out_channels differ"):
         check_resumable(other, tmp_path)
     # a neighbor lr scale adds an optimizer parameter group: a checkpoint with one cannot take two
     with pytest.raises(ValueError, match=r"train\.neighbor_lr_scale \(1\.0 there\) differ"):
         check_resumable(_train_cfg(cfg, neighbor_lr_scale=5.0), tmp_path)
+
+
+def test_a_resumed_run_does_not_read_its_init_from_again(tmp_path, capsys):
+    """The base a run started from may be gone when it resumes (a cleaned /tmp): its checkpoint has the weights."""
+    from neighbor_diffusion.training.trainer import init_weights_of
+
+    cfg = _train_cfg(C.debug(), init_from=str(tmp_path / "gone.safetensors"))
+    resumed, weights = init_weights_of(cfg, resuming=True)
+    assert (resumed.train.init_from, weights) == ("", b"")  # workers build the model, then load the checkpoint
+    assert "not read: the run resumes from its checkpoint" in capsys.readouterr().out
+    with pytest.raises(C.ConfigError, match=r"train\.init_from=.*gone\.safetensors"):
+        init_weights_of(cfg, resuming=False)  # a new run still needs it
+    assert init_weights_of(C.debug(), resuming=False) == (C.debug(), b"")
 
 
 def test_a_failed_training_ends_its_mlflow_run_as_failed_and_a_resume_runs_it_again(tmp_path, monkeypatch):
@@ -250,6 +280,13 @@ def test_step_generator_depends_on_rank_and_step():
     assert torch.equal(a, torch.rand(3, generator=E.step_generator(0, 0, 5, 0)))
     assert not torch.equal(a, torch.rand(3, generator=E.step_generator(0, 1, 5, 0)))
     assert not torch.equal(a, torch.rand(3, generator=E.step_generator(0, 0, 6, 0)))
+    # any seed a user may give: torch takes only 64-bit seeds (123456789 overflowed it), and a large one is not
+    # the same stream as a small one
+    for seed in (123_456_789, C.MAX_SEED, -5):
+        big = torch.rand(3, generator=E.step_generator(seed, 1, 10**6, 63))
+        assert not torch.equal(big, a)
+    with pytest.raises(C.ConfigError, match=r"train\.grad_accum=65: must be <= 64"):
+        C.override(C.debug(), {"train.grad_accum": "65"})
 
 
 def test_a_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
@@ -292,7 +329,9 @@ def zero_runs(local_ray, mlflow_store, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero")
     outcomes = {}
     for stage in (0, 1, 2, 3):
-        cfg = _cfg(tmp, zero_stage=stage, run_name=f"zero{stage}", registered_model="nd-smoke")
+        # samples mid-run too at ZeRO-3 (~35 s a run on 2 cores), where the EMA copy is made from a sharded module
+        every = 4 if stage == 3 else 0
+        cfg = _cfg(tmp, zero_stage=stage, run_name=f"zero{stage}", registered_model="nd-smoke", sample_every=every)
         ds = local_ray.data.from_items(synthetic_rows(cfg, n=128))
         outcomes[stage] = (cfg, trainer.train(cfg, {"train": ds}))
     return outcomes
@@ -334,8 +373,12 @@ def test_zero_stage_trains_checkpoints_and_registers(zero_runs, stage):
         and {"neighbor_loss_ratio_t299", "neighbor_loss_ratio_t899", "x0_error_t989", "x0_bound_subject"}
         <= set(run.data.metrics)
     )
+    # ... and at ZeRO-3 at step 4, by rank 0 in the middle of the run, from the EMA copy (a deep copy of the
+    # sharded module kept DeepSpeed's hooks: that check failed, and the next step hung)
+    steps = [4, 8] if stage == 3 else [8]
+    assert [m.step for m in client.get_metric_history(out.run_id, "neighbor_loss_ratio")] == steps
     artifacts = {a.path for a in client.list_artifacts(out.run_id, "samples")}
-    assert "samples/step_000008.png" in artifacts
+    assert {f"samples/step_{s:06d}.png" for s in steps} <= artifacts
     assert out.model_uri == "models:/nd-smoke@candidate"
     version = client.get_model_version_by_alias("nd-smoke", "candidate")
     assert version.run_id == zero_runs[3][1].run_id  # the last registration holds the alias

@@ -359,6 +359,7 @@ class TrainConfig:
             "log_every",
         ):
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
+        _check(self.grad_accum <= 64, "train.grad_accum", self.grad_accum, "must be <= 64 (a step's 64 noise draws)")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")

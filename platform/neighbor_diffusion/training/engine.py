@@ -7,7 +7,6 @@ single-device model (STYLE.md principle 3).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import tempfile
@@ -58,8 +57,45 @@ def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool) -> dict[str, A
     if t.offload:  # offloaded optimizer steps need DeepSpeed's CPU Adam (compiled on first use)
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay}}
     if t.deepspeed_overrides:
-        ds = _merge(ds, json.loads(Path(t.deepspeed_overrides).read_text()))
+        ds = _with_overrides(ds, t.deepspeed_overrides)
     return ds
+
+
+# what the training loop does by train.* itself: an override may not say otherwise
+_LOOP_KEYS = {
+    ("train_micro_batch_size_per_gpu",): "train.batch_size",
+    ("gradient_accumulation_steps",): "train.grad_accum",
+    ("zero_optimization", "stage"): "train.zero_stage",
+    ("bf16", "enabled"): "train.precision",
+}
+
+
+def _with_overrides(ds: dict[str, Any], path: str) -> dict[str, Any]:
+    """`ds` with the JSON file at `path` merged over it; ConfigError for a file that cannot be read, or one that
+    changes what the loop does by train.* (it steps one micro-batch at a time by train.grad_accum, and its EMA
+    and grad norm follow train.zero_stage: DeepSpeed stepping otherwise would put the LR schedule, the logged
+    grad norm and the checkpoints out of step)."""
+    try:
+        extra = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.deepspeed_overrides={path!r}: {e}") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(f"train.deepspeed_overrides={path!r}: must hold a JSON object")
+    merged = _merge(ds, extra)
+    for keys, field in _LOOP_KEYS.items():
+        ours, theirs = _get(ds, keys), _get(merged, keys)
+        if theirs != ours:
+            raise ConfigError(
+                f"train.deepspeed_overrides={path!r} sets {'.'.join(keys)}={theirs!r}, where the loop follows "
+                f"{field} ({ours!r} here): set {field} instead"
+            )
+    return merged
+
+
+def _get(d: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -239,8 +275,10 @@ def lr_lambda(cfg: Config):
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
-    """Training randomness (t, noise, dropout) is a function of (seed, rank, step): resuming is exact."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro)
+    """Training randomness (t, noise, dropout) is a function of (seed, rank, step): resuming is exact.
+    `micro` < 64 (train.grad_accum <= 64); taken modulo 2**63, the seeds torch takes (a train.seed from about
+    3e5 up overflowed it: every worker failed its first step)."""
+    return torch.Generator().manual_seed((((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro) % 2**63)
 
 
 # ---------------------------------------------------------------------------- EMA
@@ -257,7 +295,13 @@ class EMA:
     def __init__(self, unet: NeighborUNet, decay: float, zero_stage: int):
         self.decay, self.zero_stage = decay, zero_stage
         with self._gathered(unet):
-            self.model = copy.deepcopy(unet).float().eval().requires_grad_(False)
+            # a new UNet with the weights, not a deep copy: under ZeRO-3 a copy keeps DeepSpeed's hooks on every
+            # submodule, but not its parameters' ds_* attributes, so its forward (held-out samples) failed and
+            # left the ranks out of step (the next training step hung)
+            self.model = type(unet).from_config(unet.config)
+            self.model.load_state_dict(unet.state_dict())
+            device = next(unet.parameters()).device
+            self.model = self.model.to(device).float().eval().requires_grad_(False)
 
     def _gathered(self, unet: nn.Module):
         if self.zero_stage == 3:

@@ -26,15 +26,14 @@ from neighbor_diffusion.training import engine as E
 
 
 def _batches(shard, batch_size: int, skip: int, device: torch.device):
-    """Yield (epoch, batch) forever; the first `skip` batches (already trained on) are passed over."""
-    epoch = 0
+    """Yield batches forever (the shard again when it ends); the first `skip` batches (already trained on) are
+    passed over. (No epoch count: the job's stream holds all its epochs, `stream.training_dataset`.)"""
     while True:
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
             if skip > 0:
                 skip -= 1
                 continue
-            yield epoch, batch
-        epoch += 1
+            yield batch
 
 
 def _quiet_report_log() -> None:
@@ -67,7 +66,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # 1. model, identical on every rank
     init = loop_config.get("init_weights")  # train.init_from's file, from the object store (trainer.train)
     objective = E.DiffusionObjective(E.build_unet(cfg, ray.get(init) if init is not None else None), cfg)
-    ds_config = E.deepspeed_config(cfg, world, use_gpu)
+    ds_config = loop_config.get("deepspeed_config") or E.deepspeed_config(cfg, world, use_gpu)  # (the driver's)
     groups = E.param_groups(objective, cfg)
     kwargs: dict[str, Any] = {}
     if "optimizer" not in ds_config:  # a client torch optimizer avoids compiling fused_adam
@@ -108,24 +107,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batches = _batches(shard, t.batch_size, start_step * t.grad_accum, device)
     samples_per_step = t.batch_size * t.grad_accum * world
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
-    epoch = 0
     run_start = time.perf_counter()
     for step in range(start_step, t.steps):
         step_start = time.perf_counter()
         loss_sum = 0.0
         for micro in range(t.grad_accum):
             wait_start = time.perf_counter()
-            epoch, batch = next(batches)
+            batch = next(batches)
             window["wait"] += time.perf_counter() - wait_start
             loss = engine(batch, E.step_generator(t.seed, rank, step, micro))
             engine.backward(loss)
             if t.zero_stage == 0 and micro == t.grad_accum - 1:
-                # DeepSpeed records the norm only for ZeRO optimizers; grads are all-reduced by now
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.parameters() if p.grad is not None])
+                # DeepSpeed's fp32 optimizer at stage 0 records no norm (its ZeRO and bf16 optimizers do, and the bf16
+                # one keeps its grads apart from p.grad); the grads are all-reduced by now
+                own_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.parameters() if p.grad is not None])
             engine.step()
             loss_sum += loss.item()
-        if t.zero_stage > 0:
-            grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = own_norm
         ema.update(engine.module.unet, step)
         window["loss"] += loss_sum / t.grad_accum
         window["n"] += 1
@@ -141,7 +141,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "grad_norm": float(grad_norm),
                 "samples_per_s": samples_per_step * window["n"] / window["time"],
                 "data_wait_fraction": window["wait"] / window["time"],
-                "epoch": epoch,
                 "step": done,
             }
             if rank == 0:

@@ -119,6 +119,8 @@ def build_trainer(cfg: Config, datasets: dict, run_id: str | None, init_weights:
             "mlflow_run_id": run_id,
             "tracking_uri": mlflow.get_tracking_uri() if run_id else None,
             "init_weights": init_weights,
+            # the overrides file is read here: a worker on another node need not have it
+            "deepspeed_config": ds_config,
         },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
@@ -215,12 +217,13 @@ def export_backbone(pipeline_dir: Path, out_file: Path, provenance: dict[str, st
     return out_file
 
 
-def check_resumable(cfg: Config, run_dir: Path | Location) -> None:
-    """Say when this run name resumes an earlier run, and refuse one whose model differs from `cfg.model`."""
+def check_resumable(cfg: Config, run_dir: Path | Location) -> bool:
+    """Whether this run name resumes an earlier run (said when it does); refuse one whose model differs from
+    `cfg.model`."""
     checkpoints = [p for p in storage.children(run_dir) if p.name.startswith("checkpoint_")]
     saved = [E.read_progress(p) for p in checkpoints if (p / E.PROGRESS_FILE).is_file()]
     if not saved:
-        return
+        return False
     last = max(saved, key=lambda p: p["step"])
     old = last["config"]["model"]
     now = json.loads(json.dumps(cfg.to_dict()["model"]))  # tuples as the JSON lists of progress.json
@@ -244,18 +247,28 @@ def check_resumable(cfg: Config, run_dir: Path | Location) -> None:
         ),  # fmt: skip
         flush=True,
     )
+    return True
+
+
+def init_weights_of(cfg: Config, resuming: bool) -> tuple[Config, bytes]:
+    """(`cfg` with train.init_from as the run records it, the bytes of its file). A run that resumes starts from
+    its checkpoint: its init_from is not read again (the file may be gone by then) and its workers get none."""
+    if resuming and cfg.train.init_from:
+        print(f"[train] train.init_from={cfg.train.init_from!r} not read: the run resumes from its checkpoint")
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from="")), b""
+    init_from, init_weights = E.read_init_from(cfg)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=init_from)), init_weights
 
 
 def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "candidate") -> TrainOutcome:
     import mlflow
     import ray
 
-    # train.init_from is checked and read here, not in every worker: workers get its bytes from the object store
-    init_from, init_weights = E.read_init_from(cfg)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=init_from))
-    start_ray(cfg)
     run_dir = storage.location(storage_root(cfg), "train.storage_path") / cfg.train.run_name  # a folder or a URI
-    check_resumable(cfg, run_dir)
+    resuming = check_resumable(cfg, run_dir)
+    # train.init_from is checked and read here, not in every worker: workers get its bytes from the object store
+    cfg, init_weights = init_weights_of(cfg, resuming)
+    start_ray(cfg)
     run_id = _mlflow_run(cfg, run_dir)
     try:
         init_ref = ray.put(init_weights) if init_weights else None
