@@ -151,9 +151,15 @@ class NeighborDiffusionModel:
         )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Batching is a `user_config`: `serve deploy` can change it without restarting replicas."""
-        self.max_batch_size = int(user_config.get("max_batch_size", self.cfg.max_batch_size))
-        self.batch_wait_timeout_s = float(user_config.get("batch_wait_timeout_s", self.cfg.batch_wait_timeout_s))
+        """Batching is a `user_config`: `serve deploy` can change it without restarting replicas. Checked as
+        ServeConfig checks it (a batch of 0 rows spun the batcher's loop, and every request on the replica hung)."""
+        max_batch_size = int(user_config.get("max_batch_size", self.cfg.max_batch_size))
+        batch_wait_timeout_s = float(user_config.get("batch_wait_timeout_s", self.cfg.batch_wait_timeout_s))
+        if max_batch_size < 1:
+            raise ValueError(f"user_config max_batch_size={max_batch_size}: must be >= 1")
+        if not 0 <= batch_wait_timeout_s < float("inf"):
+            raise ValueError(f"user_config batch_wait_timeout_s={batch_wait_timeout_s}: must be >= 0 and finite")
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self.batcher.max_batch_size = self.max_batch_size
         self.batcher.batch_wait_timeout_s = self.batch_wait_timeout_s
 
@@ -205,7 +211,7 @@ class NeighborDiffusionModel:
             "interleave_ratio": key.interleave_ratio,
             "sampler": key.sampler,
             "seed": job.seed,
-            "seeds": [job.seed + i for i in range(job.num_images)],
+            "seeds": image_seeds(job.seed, job.num_images),
         }
         return {
             "images": pngs,
@@ -258,7 +264,7 @@ class NeighborDiffusionModel:
         x = self.pipe.generate(
             [r.prompt for r in requests for _ in range(r.num_images)],
             NeighborFeatures.cat([r.neighbors.repeat(r.num_images) for r in requests]),
-            [r.seed + i for r in requests for i in range(r.num_images)],
+            [s for r in requests for s in image_seeds(r.seed, r.num_images)],
             num_inference_steps=key.steps,
             text_guidance=key.text_guidance,
             neighbor_guidance=key.neighbor_guidance,
@@ -470,6 +476,12 @@ def prefers_png(accept: str) -> bool:
 # ---------------------------------------------------------------------------- building the application
 
 
+def image_seeds(seed: int, num_images: int) -> list[int]:
+    """The seeds of a request's images: `seed`, `seed + 1`, ..., wrapped into 0..MAX_SEED, so that each one can
+    be sent back (as `seed`, one image) for the same image."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
+
+
 def model_id(uri: str) -> str:
     if is_registry_uri(uri):
         return uri.split(":/", 1)[1].strip("/")
@@ -544,21 +556,27 @@ def config_from_args(args: Config | dict[str, Any] | None) -> Config:
 
 
 def resolve_serve_config(cfg: ServeConfig) -> tuple[ServeConfig, str | None]:
-    """Absolute model paths and tracking URI, so replicas find the model from any working dir."""
+    """Absolute model paths and tracking URI, so replicas find the model from any working dir; an alias pinned
+    to the version it names now (`models:/<name>/<version>`), so that every replica, also one started later by
+    the autoscaler or a restart, serves that version when the alias moves (redeploy to take the new one)."""
     if not cfg.model_uri:
         raise ValueError("serve.model_uri is empty: give a pipeline folder or models:/<name>@<alias>")
     if is_registry_uri(cfg.model_uri):
         from neighbor_diffusion.tracking import check_registry_uri, tracking_uri
 
-        check_registry_uri(cfg.model_uri, field="serve.model_uri")  # in the store: else one line, not 3 failed replicas
-        return cfg, tracking_uri()
+        # in the store: else one line, not 3 failed replicas
+        pinned = check_registry_uri(cfg.model_uri, field="serve.model_uri")
+        return replace(cfg, model_uri=pinned), tracking_uri()
     # checked here too, so a wrong path fails at once rather than in each replica's start
     return replace(cfg, model_uri=str(resolve_pipeline_dir(cfg.model_uri, field="serve.model_uri").resolve())), None
 
 
 def build_app(args: Config | dict[str, Any] | None = None) -> serve.Application:
     """The bound application: `serve.run(build_app(cfg))`, or `import_path: serving.app:build_app`."""
-    cfg, tracking = resolve_serve_config(config_from_args(args).serve)
+    given = config_from_args(args).serve
+    cfg, tracking = resolve_serve_config(given)
+    if cfg.model_uri != given.model_uri and is_registry_uri(given.model_uri):
+        print(f"[serve] serve.model_uri={given.model_uri} is {cfg.model_uri}", flush=True)
     model = NeighborDiffusionModel.options(**model_options(cfg, num_gpus(cfg))).bind(cfg, tracking)
     return NeighborDiffusionIngress.options(**ingress_options(cfg)).bind(model, cfg)
 

@@ -113,7 +113,8 @@ def _image_validator(limits: Limits):
     def check(value: Any) -> bytes:
         if isinstance(value, str):  # JSON / urlencoded: base64 text
             try:
-                value = binascii.a2b_base64(_DATA_URL.sub("", value, count=1), strict_mode=True)
+                # line breaks allowed: the `base64` command and base64.encodebytes wrap at 76 characters
+                value = binascii.a2b_base64("".join(_DATA_URL.sub("", value, count=1).split()), strict_mode=True)
             except (binascii.Error, ValueError):
                 raise ValueError("not valid base64") from None
         elif not isinstance(value, bytes):  # multipart: the file's bytes

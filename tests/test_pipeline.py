@@ -114,3 +114,27 @@ def test_a_model_path_is_a_pipeline_folder_or_a_runs_folder_or_an_error_naming_t
         resolve_serve_config(replace(cfg, model_uri=str(tmp_path / "nope")))
     resolved, tracking = resolve_serve_config(replace(cfg, model_uri=str(run)))
     assert resolved.model_uri == str((run / "pipeline").resolve()) and tracking is None
+
+
+def test_a_served_alias_is_pinned_to_the_version_it_names(pipe, tmp_path, monkeypatch):
+    """Every replica loads the model itself, also one the autoscaler starts later: from the alias, a replica
+    started after the alias moved served another version behind the same ingress."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from neighbor_diffusion import tracking
+    from serving.app import resolve_serve_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    tracking.setup("nd-pin")
+    pipe.save_pretrained(tmp_path / "pipeline")
+    for _ in range(2):
+        with mlflow.start_run() as run:
+            pass
+        tracking.register_pipeline(run.info.run_id, tmp_path / "pipeline", "nd-pin", "candidate")
+    cfg = replace(debug().serve, model_uri="models:/nd-pin@candidate")
+    resolved, store = resolve_serve_config(cfg)
+    assert resolved.model_uri == "models:/nd-pin/2" and store == f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient().set_registered_model_alias("nd-pin", "candidate", "1")
+    assert resolve_serve_config(cfg)[0].model_uri == "models:/nd-pin/1"  # a new deployment takes the alias anew
+    assert resolve_serve_config(replace(cfg, model_uri="models:/nd-pin/2"))[0].model_uri == "models:/nd-pin/2"

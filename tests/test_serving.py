@@ -29,7 +29,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from neighbor_diffusion.config import ConfigError, debug, override
+from neighbor_diffusion.config import MAX_SEED, ConfigError, debug, override
 
 STEPS = 2  # sampling steps of the requests that only check plumbing
 SERVE_OVERRIDES = {
@@ -170,6 +170,16 @@ def test_same_seed_same_image(server):
     c = client.post("/v1/generate", json=request_body(seed=12)).json()["images"][0]
     assert a == b
     assert a != c
+    # base64 wrapped at 76 characters (the `base64` command's output) is the same image
+    wrapped = request_body(seed=11)
+    wrapped["neighbor_images"] = [base64.encodebytes(base64.b64decode(x)).decode() for x in wrapped["neighbor_images"]]
+    assert "\n" in wrapped["neighbor_images"][0]
+    assert client.post("/v1/generate", json=wrapped).json()["images"][0] == a
+    # the returned seeds can each be sent back, the last one's successor wrapping to 0 (was MAX_SEED + 1: a 422)
+    last = client.post("/v1/generate", json=request_body(seed=MAX_SEED, num_images=2)).json()
+    assert last["parameters"]["seeds"] == [MAX_SEED, 0]
+    again = client.post("/v1/generate", json=request_body(seed=0)).json()["images"][0]
+    assert last["images"][1] == again
 
 
 def test_cache_hit_gives_the_same_image_without_encoding(server):
@@ -472,6 +482,19 @@ def test_app_args_and_serve_config_validation():
     for field, value in [("overload_status_code", "500"), ("ingress_max_ongoing_requests", "1"), ("num_gpus", "-2")]:
         with pytest.raises(ConfigError, match=f"serve.{field}"):
             override(debug(), {f"serve.{field}": value})
+    # a `serve deploy` user_config is checked as ServeConfig is (a batch of 0 spun the batcher: replica hung)
+    from types import SimpleNamespace
+
+    from serving.app import NeighborDiffusionModel
+
+    replica = SimpleNamespace(cfg=debug().serve, batcher=SimpleNamespace(max_batch_size=4, batch_wait_timeout_s=0.0))
+    for bad, message in [({"max_batch_size": 0}, "max_batch_size=0: must be >= 1"),
+                         ({"batch_wait_timeout_s": -1}, "batch_wait_timeout_s=-1.0: must be >= 0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            NeighborDiffusionModel.func_or_class.reconfigure(replica, bad)
+    assert replica.batcher.max_batch_size == 4  # a refused config changes nothing
+    NeighborDiffusionModel.func_or_class.reconfigure(replica, {"max_batch_size": 2})
+    assert replica.batcher.max_batch_size == 2
     cache = FeatureCache(2)
     cache.put("a", 1)
     cache.put("b", 2)

@@ -130,10 +130,11 @@ def is_registry_uri(uri: str) -> bool:
     return uri.startswith(("models:/", "runs:/"))
 
 
-def check_registry_uri(uri: str, field: str = "model_uri") -> None:
+def check_registry_uri(uri: str, field: str = "model_uri") -> str:
     """A `models:/` or `runs:/` URI names a model version, logged model or run in `tracking_uri()`'s store
     (asked of the store, nothing downloaded); else FileNotFoundError naming `field`, the URI and the store.
-    A SQLite store whose file does not exist is that error too (not a new, empty store made by asking)."""
+    A SQLite store whose file does not exist is that error too (not a new, empty store made by asking).
+    Returns the URI pinned: `models:/<name>@<alias>` (or `/latest`) as `models:/<name>/<version>` it names now."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.utils.models import get_model_name_and_version
@@ -155,10 +156,12 @@ def check_registry_uri(uri: str, field: str = "model_uri") -> None:
             client.get_logged_model(found[0])
         else:
             client.get_model_version(*found)
+            return f"models:/{found[0]}/{found[1]}"
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
         raise FileNotFoundError(f"{field}={uri!r}: {e.message} (MLflow store {store})") from None
+    return uri
 
 
 def model_version(uri: str):

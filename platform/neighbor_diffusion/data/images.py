@@ -60,9 +60,13 @@ def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
     try:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            hi = arr.max() if arr.size and arr.max() > 255 else 255.0
-            img = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+            # float32, scaled in place: a 4096x4096 16-bit PNG of ~150 KB took 384 MiB of arrays in float64
+            # copies, and a server decodes uploads of that size (serve.max_image_pixels)
+            arr = np.asarray(img, dtype=np.float32)
+            hi = float(arr.max()) if arr.size and arr.max() > 255 else 255.0
+            np.multiply(arr, 255.0 / hi, out=arr)
+            np.clip(arr, 0, 255, out=arr)
+            img = Image.fromarray(arr.astype(np.uint8), mode="L")
         if img.mode == "P":
             img = img.convert("RGBA")
         if img.mode in ("RGBA", "LA", "PA"):
