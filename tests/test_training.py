@@ -384,6 +384,32 @@ def test_zero_stage_trains_checkpoints_and_registers(zero_runs, stage):
     assert version.run_id == zero_runs[3][1].run_id  # the last registration holds the alias
 
 
+class _Payload:  # what a planted checkpoint could unpickle into: code run at load
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_checkpoints_are_read_with_weights_only_and_a_planted_pickle_is_refused(zero_runs, tmp_path, capsys):
+    """DeepSpeed reads its checkpoints with torch.load(weights_only=False); the loop makes its engine read them
+    with weights_only=True: every file of every ZeRO stage's checkpoint loads so, and a pickle that would run
+    code does not."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
+    E.weights_only_loads(engine)
+    checkpoints = [Path(zero_runs[stage][1].checkpoint_path) / E.ENGINE_TAG for stage in (0, 1, 2, 3)]
+    files = [f for folder in checkpoints for f in folder.glob("*.pt")]
+    assert len(files) == 1 + 3 + 3 + 4  # stage 0: one file; 1, 2: model + each rank's optimizer; 3: 2 per rank
+    for f in files:
+        assert isinstance(engine.checkpoint_engine.load(str(f), map_location="cpu"), dict), f
+    torch.save({"module": _Payload()}, tmp_path / "planted.pt")
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        engine.checkpoint_engine.load(str(tmp_path / "planted.pt"))
+    assert "unpickled code ran" not in capsys.readouterr().out
+
+
 def test_zero_stages_compute_the_same_losses(zero_runs):
     """Same seed, same data order per rank: ZeRO partitioning must not change the math."""
     ref = _losses(zero_runs[0][1].run_id)

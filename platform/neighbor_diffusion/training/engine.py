@@ -329,6 +329,28 @@ class EMA:
         self.model.load_state_dict(load_file(path))
 
 
+def weights_only_loads(engine) -> None:
+    """Make `engine.load_checkpoint` read with `torch.load(weights_only=True)`: DeepSpeed's TorchCheckpointEngine
+    passes weights_only=False, so a file put under train.storage_path could run code in every worker that
+    resumes. Besides tensors and builtins its checkpoints hold three DeepSpeed types (ZeRO's stage enum, the loss
+    scaler, bf16's fragment addresses: found by loading this platform's checkpoints of every ZeRO stage, bf16
+    too), allowed by name; another engine a user configures keeps its own loading."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        return
+    allowed = [ZeroStageEnum, LossScaler, fragment_address]
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
+
+
 def read_progress(checkpoint_dir: Path) -> dict[str, Any]:
     return json.loads((checkpoint_dir / PROGRESS_FILE).read_text())
 

@@ -79,6 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, E.lr_lambda(cfg)),
         **kwargs,
     )
+    E.weights_only_loads(engine)
     ema = E.EMA(engine.module.unet, t.ema_decay, t.zero_stage)
 
     # 2. resume
