@@ -574,7 +574,7 @@ def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: s
     out_dir = storage.location(out_dir or paths["base"], "data.root")
     # the synthetic world's ground truth scores its own crawl only, not a crawl given as data.input
     truth_path = storage.location(truth_path) if truth_path else None if cfg.data.input else paths["ground_truth"]
-    clusters_dir = out_dir / "clusters"
+    clusters_dir, manifest_path = out_dir / "clusters", out_dir / "manifest.json"
     d, size = cfg.data, cfg.model.image_size
     t0 = time.perf_counter()
 
@@ -622,8 +622,8 @@ def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: s
 
     # 4. caption embeddings (actor pool) -> Parquet cluster shards. The old manifest goes with the old shards:
     # a write that fails half way leaves no manifest for training to take the partial folder by
-    if (out_dir / "manifest.json").is_file():
-        (out_dir / "manifest.json").unlink()
+    if manifest_path.is_file():
+        manifest_path.unlink()
     storage.remove_files(clusters_dir, ".parquet")
     good_groups = groups.filter(expr=f"status == '{OK}'").drop_columns(["status", "rejected_keys"])
     encoded = good_groups.map_batches(
@@ -684,7 +684,7 @@ def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: s
     if truth is not None:
         manifest["filter"] = _filter_scores(table, gstats, truth)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
     return manifest
 
 
