@@ -28,6 +28,13 @@ def test_identity_ranks_the_right_subject_among_20():
     assert r["identity_flat_image"] < 0.3, r  # a grey blob is not half a subject
 
 
+def test_identity_ranks_the_right_subject_at_64x64_too():
+    """The shift search scales with the image (left and right sit twice as far from the centre at 64x64):
+    a fixed 10 px search ranked 14 of 16 first there."""
+    r = metrics.validate_identity(num_queries=16, size=64, seed=3)
+    assert r["identity_top1"] >= 0.95 and r["identity_same_subject"] > 0.85, r
+
+
 def test_identity_of_another_subject_is_low_and_not_top1():
     subject, other = world.make_subject(2), world.make_subject(8)  # both mugs
     ctx = world.Context("lawn", "left", "large", seed=5)
@@ -55,6 +62,20 @@ def test_text_fidelity_flags_what_was_not_drawn():
     # a sketch hides scene and colour: they are not judged, the style is
     sketch = dataclasses.replace(shown, style="sketch", color="red")
     assert set(metrics.text_fidelity(image, subject, sketch)) == {"position", "size", "style"}
+    # a sketch nobody asked for ("a photo of ...") fails the style, and does not escape scene and colour
+    drawn = metrics.independent_render(subject, sketch, 32, np.random.default_rng(0))
+    assert metrics.text_fidelity(drawn, subject, dataclasses.replace(shown, color="red")) == {
+        "style": False,
+        "position": True,
+        "size": True,
+    }
+
+
+def test_to_array_scales_integers_by_dtype():
+    dark = np.ones((4, 4, 3), np.uint8)  # a near-black sample: max 1 is still 1/255, not white
+    np.testing.assert_allclose(metrics.to_array(dark), 1 / 255)
+    np.testing.assert_allclose(metrics.to_array(dark.astype(np.float32) * 200), 200 / 255)  # floats by range
+    np.testing.assert_allclose(metrics.to_array(np.full((4, 4, 3), 0.5, np.float32)), 0.5)
 
 
 def test_copy_detector_on_renders():
@@ -248,6 +269,36 @@ def test_evaluate_job_writes_table_report_and_mlflow(tmp_path, monkeypatch, debu
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {
         "report/results.json", "report/results.md", "report/samples.png"
     }  # fmt: skip
+
+
+def test_dreambench_scores_on_photos_of_several_sizes(tmp_path, debug_pipe):
+    """Real subjects' photos come in any size (a phone's portrait beside its landscape): the neighbor model and
+    the text-only baseline each get DINO scores from a local vision model (a tiny ViT saved here)."""
+    import ray
+    from PIL import Image
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    from neighbor_diffusion.evaluation import runner
+
+    vit = tmp_path / "vit"
+    ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32)
+    ).save_pretrained(vit)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit)
+    root = tmp_path / "dataset" / "backpack"
+    root.mkdir(parents=True)
+    for i, size in enumerate(((80, 60), (60, 80), (120, 120))):
+        Image.new("RGB", size, (200, 30 * i, 30)).save(root / f"{i:02d}.jpg")
+    (tmp_path / "dataset" / "prompts.txt").write_text("a {0} {1} in the jungle\n")
+    debug_pipe.save_pretrained(tmp_path / "pipe")
+    settings = runner.EvalSettings(str(tmp_path / "pipe"), num_inference_steps=2, workers=1)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        table = runner.dreambench_scores(settings, str(tmp_path), [str(vit)], prompts_per_subject=1)
+    finally:
+        ray.shutdown()
+    assert [row["method"] for row in table] == ["neighbor", "text_only"]
+    assert all(row["samples"] == 1.0 and -1.0 <= row["dino"] <= 1.0 for row in table), table
 
 
 def test_a_failed_evaluation_leaves_no_empty_report_folder_and_stops_its_ray(tmp_path, monkeypatch, debug_pipe):

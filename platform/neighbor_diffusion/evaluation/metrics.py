@@ -7,8 +7,8 @@ subject world's renderer is the oracle: **analysis by synthesis**.
   subject in the requested context once per value and take the nearest render
   (`detect`); `estimate_context` does this group by group (style+scene, size+position,
   colour), so one ignored request does not confuse the others. An attribute is realised
-  when the estimate equals the request. Checked: `TEXT_ATTRIBUTES`; a sketch hides scene
-  and colour, so those are not checked under it.
+  when the estimate equals the request. Checked: `TEXT_ATTRIBUTES`, the style always (a prompt
+  naming none asks for a photo); a sketch hides scene and colour, so those are not checked under it.
 - **Identity fidelity**: render the subject and 19 other subjects of its class in the
   requested context (centred, both sizes; with a colour change also in their own colours)
   and compare on their footprints (where candidates differ), searching shifts wide enough
@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ UNCHECKABLE = {("sketch", "color"), ("sketch", "scene")}
 NUM_DISTRACTORS = 19  # identity ranks the subject among itself + 19 others of its class
 NUM_ANCHORS = 4  # other-subject renders that set identity's 0 (per example)
 MAX_SHIFT = 2
-IDENTITY_SHIFT = 10  # px at 32x32: left and right sit ~9 px from the centre
+IDENTITY_SHIFT = 10  # px at 32x32 (scaled with the size): left and right sit ~9 px from the centre
 # copy: mean squared error in [0, 1] units. Measured (validate_copy): jittered copies <= 0.0035, true renders
 # of another context >= 0.005 from every neighbor, but a blurred generated copy sits higher: hence the ratio too
 COPY_MAX_DISTANCE = 0.02
@@ -84,7 +85,8 @@ def to_array(img: Image.Image | np.ndarray, size: int | None = None) -> np.ndarr
     """PIL or array -> (S, S, 3) float32 in [0, 1], resized (box filter) to `size` if given."""
     if isinstance(img, np.ndarray):
         arr = img.astype(np.float32)
-        arr = arr / 255.0 if arr.max() > 1.5 else arr
+        # uint8 by its dtype (a near-black sample's max is 1); floats in [0, 255] by their range
+        arr = arr / 255.0 if np.issubdtype(img.dtype, np.integer) or arr.max() > 1.5 else arr
         if size is None or arr.shape[0] == size:
             return arr
         img = Image.fromarray((arr * 255).round().clip(0, 255).astype(np.uint8))
@@ -250,11 +252,12 @@ def text_fidelity(
     requested: Context | dict,
     estimate: Context | None = None,
 ) -> dict[str, bool]:
-    """{attribute: realised?} for every attribute the prompt named and the detectors can check."""
+    """{attribute: realised?} for every attribute the prompt named and the detectors can check; the style
+    always ("a photo of ...": no style named is a photo, and a sketch nobody asked for is wrong)."""
     found = estimate or estimate_context(image, subject, requested)
     return {
         a: getattr(found, a) == v
-        for a, v in requested_attributes(requested).items()
+        for a, v in ({"style": None} | requested_attributes(requested)).items()
         if checkable(a, requested) and checkable(a, found)  # a sketch hides scene and colour, asked or not
     }
 
@@ -297,9 +300,10 @@ def identity_distances(x: np.ndarray, templates: np.ndarray, mask: np.ndarray) -
 
     The same search for every candidate, so no candidate is favoured by where the image put its subject.
     """
-    d = aligned_distances(x, templates, mask, MAX_SHIFT, IDENTITY_SHIFT)
+    shift = math.ceil(IDENTITY_SHIFT * x.shape[1] / 32)  # positions scale with the image: 20 px at 64x64
+    d = aligned_distances(x, templates, mask, MAX_SHIFT, shift)
     # a mirrored subject is the same subject; with shifts this wide, flipping the whole image finds it
-    return np.minimum(d, aligned_distances(x[:, ::-1], templates, mask, MAX_SHIFT, IDENTITY_SHIFT))
+    return np.minimum(d, aligned_distances(x[:, ::-1], templates, mask, MAX_SHIFT, shift))
 
 
 def contrast(d: np.ndarray) -> float:

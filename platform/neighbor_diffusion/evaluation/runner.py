@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from neighbor_diffusion.config import Config
-from neighbor_diffusion.data.images import grid_of_rows, text_cell
+from neighbor_diffusion.data.images import grid_of_rows, square, text_cell
 from neighbor_diffusion.evaluation import baselines, benchmark
 
 CELL = 64  # pixels per image cell in sample grids
@@ -322,8 +322,10 @@ def dreambench_scores(
 
     cfg = load_config(settings.model_dir)
     subjects = load_dreambench(root, max_neighbors=settings.k or cfg.model.max_neighbors)
+    for s in subjects:  # the model's size, as the pipeline would make them: photos of several sizes stack
+        s["model_images"] = [square(im, cfg.model.image_size) for im in s["neighbor_images"]]
     examples = [
-        {"subject_id": s["subject_id"], "prompt": p, "seed": settings.seed + j, "neighbor_images": s["neighbor_images"],
+        {"subject_id": s["subject_id"], "prompt": p, "seed": settings.seed + j, "neighbor_images": s["model_images"],
          "neighbor_captions": s["neighbor_captions"], "photos": s["neighbor_images"]}
         for s in subjects for j, p in enumerate(s["prompts"][:prompts_per_subject])
     ]  # fmt: skip
