@@ -469,6 +469,21 @@ def test_serve_config_yaml_is_generated_from_serve_config(tmp_path):
     model = next(d for d in app.deployments if d.name == "NeighborDiffusionModel")
     ingress = next(d for d in app.deployments if d.name == "NeighborDiffusionIngress")
     assert ingress.max_ongoing_requests >= model.max_ongoing_requests >= 4
+    # a request limit given on the command line reaches build_app on the cluster (was dropped: only the model was
+    # written); a file without a model is refused (build_app would fail on the cluster)
+    from serving.app import config_from_args
+
+    flags = ["--serve.max_steps", "200", "--serve.num_cpus", "2", "--serve.max_replicas", "3"]
+    main(["--preset", "cpu", "--serve.model_uri", "m", *flags, "--write-config", str(out)])
+    app = yaml.safe_load(out.read_text())["applications"][0]
+    # max_replicas is in the model's autoscaling_config; num_cpus, with the replicas' GPUs left to build_app
+    # (serve.num_gpus -1), has no ray_actor_options to go to
+    assert app["args"] == {"preset": "cpu", "serve": {"model_uri": "m", "max_steps": 200, "num_cpus": 2.0}}
+    assert app["deployments"][1]["autoscaling_config"]["max_replicas"] == 3
+    assert config_from_args(app["args"]).serve.max_steps == 200
+    with pytest.raises(SystemExit):
+        main(["--preset", "cpu", "--write-config", str(tmp_path / "none.yaml")])
+    assert not (tmp_path / "none.yaml").exists()
 
 
 def test_app_args_and_serve_config_validation():

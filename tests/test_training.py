@@ -307,6 +307,22 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
     assert location == (tmp_path / "store" / "mlartifacts").as_uri()
 
 
+def test_the_default_store_in_a_ray_job_s_copy_of_its_working_dir_is_named(tmp_path, monkeypatch, capsys):
+    """`ray job submit` runs the job in a copy of the working dir: its default store is not the checkout's."""
+    from neighbor_diffusion import tracking
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == tracking.tracking_uri() == f"sqlite:///{copy / 'mlflow.db'}"
+    out = capsys.readouterr().out
+    assert out.count("MLFLOW_TRACKING_URI is not set: the store is") == 1 and "copy of its working dir" in out
+    monkeypatch.chdir(tmp_path)
+    tracking.tracking_uri()
+    assert capsys.readouterr().out == ""  # a checkout's store: nothing said
+
+
 @pytest.fixture(scope="module")
 def mlflow_store(tmp_path_factory):
     import os

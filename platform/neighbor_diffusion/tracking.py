@@ -11,6 +11,7 @@ registry version points at it, so `models:/<name>@<alias>` resolves to that fold
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -30,7 +31,22 @@ def metric_name(key: str) -> str:
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else SQLite in the current directory (absolute, so Ray workers agree)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = Path(DEFAULT_DB).resolve()
+    if "runtime_resources" in db.parts:
+        _warn_job_copy(str(db))
+    return f"sqlite:///{db}"
+
+
+@functools.cache
+def _warn_job_copy(db: str) -> None:
+    # `ray job submit` runs the job in a copy of its working dir: a store there is not the checkout's
+    print(
+        f"[mlflow] MLFLOW_TRACKING_URI is not set: the store is {db}, in this Ray job's copy of its working dir "
+        "(not what `make mlflow-ui` shows; set MLFLOW_TRACKING_URI in the runtime env or before `ray start`)",
+        flush=True,
+    )
 
 
 def sqlite_file(uri: str) -> Path | None:
