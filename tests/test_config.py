@@ -47,6 +47,8 @@ def test_cli_overrides_any_field():
         ({"model.block_out_channels": "12,32"}, "model.block_out_channels"),
         ({"model.neighbor_levels": "0"}, "model.neighbor_levels"),
         ({"model.image_size": "33"}, "model.image_size"),
+        ({"model.norm_num_groups": "0"}, "model.norm_num_groups"),  # was a ZeroDivisionError
+        ({"model.attention_head_dim": "-8"}, "model.attention_head_dim"),  # passed, failed in the UNet
         ({"diffusion.p_drop_text": "0.6", "diffusion.p_drop_neighbors": "0.6"}, "diffusion.p_drop_*"),
         ({"diffusion.sampler": "euler"}, "diffusion.sampler"),
         ({"diffusion.interleave_ratio": "1.5"}, "diffusion.interleave_ratio"),

@@ -24,3 +24,33 @@ def test_minilm_is_offline_and_semantic():
 
     cos = torch.nn.functional.cosine_similarity
     assert cos(pooled(0), pooled(1), dim=0) > cos(pooled(0), pooled(2), dim=0) + 0.1
+
+
+def test_tiny_encoder_feeds_its_model_on_the_model_s_device():
+    """The pipeline moves the encoder to its device (CUDA): token ids built on the CPU failed there at the first
+    prompt. No GPU in the tests: a probe in the model's place records where its inputs are."""
+    enc = TinyTextEncoder(max_length=8)
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))
+
+        def forward(self, input_ids, attention_mask):
+            seen.append((input_ids.device.type, attention_mask.device.type))
+            return type("Out", (), {"last_hidden_state": torch.zeros(*input_ids.shape, 32, device="meta")})()
+
+    enc.model = Probe()
+    states, mask = enc.encode(["a red toy"])
+    assert seen == [("meta", "meta")] and states.device.type == mask.device.type == "meta"
+
+
+def test_a_local_encoder_with_fewer_positions_than_max_length_is_refused():
+    import pytest
+
+    from neighbor_diffusion.config import ConfigError
+    from neighbor_diffusion.text import HFTextEncoder, minilm_path
+
+    with pytest.raises(ConfigError, match=r"text.max_length=600: the text encoder at .* has 512 positions"):
+        HFTextEncoder(minilm_path(), max_length=600)  # CLIP's 77 failed at its first encode

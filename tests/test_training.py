@@ -551,6 +551,19 @@ def test_registered_model_loads_as_a_pipeline_and_as_an_mlflow_pyfunc_model(zero
         model.predict(pd.DataFrame({"prompt": ["a mug"] * 2, "neighbor_images": [photos] * 2, "seed": [0, -1]}))
     with pytest.raises(ValueError, match=r"row 0: neighbor_images\[1\]"):
         model.predict({"prompt": "a mug in snow", "neighbor_images": [photos[0], photos[1][:20]]})
+    # within the model's serve.* limits, as the server (each decoded image was up to 4096x4096 whatever they said)
+    limits = dataclasses.replace(pipe.config.serve, max_image_pixels=1024 * 1024)  # as an operator might set
+    pipe.config = dataclasses.replace(pipe.config, serve=limits)
+    big = encode_png(Image.new("RGB", (1200, 1000)))  # 1.2 megapixels, few bytes
+    for row, message in [
+        ({"prompt": "a" * (limits.max_prompt_chars + 1)}, rf"row 0: prompt: {limits.max_prompt_chars + 1} characters"),
+        ({"neighbor_captions": ["a mug", "b" * 201]}, r"row 0: neighbor_captions\[1\]: 201 characters > serve\.max_c"),
+        ({"neighbor_images": [photos[0], big]}, r"row 0: neighbor_images\[1\].*1200x1000 pixels > 1048576"),
+        # not NULs: MLflow's numpy bytes drop trailing ones
+        ({"neighbor_images": [b"\xff" * (limits.max_image_bytes + 1)]}, r"neighbor_images\[0\]: \d+ bytes > serve\."),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.predict({"prompt": "a mug in snow", "neighbor_images": photos, **row})
 
 
 def test_a_run_from_a_base_keeps_its_backbone_and_trains_the_neighbor_layers_at_their_lr(

@@ -50,6 +50,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
         _check(n >= 1, "model.block_out_channels", self.block_out_channels, "needs at least one level")
+        _check(self.norm_num_groups >= 1, "model.norm_num_groups", self.norm_num_groups, "must be >= 1")
+        _check(self.attention_head_dim >= 1, "model.attention_head_dim", self.attention_head_dim, "must be >= 1")
         for c in self.block_out_channels:
             _check(
                 c > 0 and c % self.norm_num_groups == 0,

@@ -107,19 +107,38 @@ class NeighborDiffusionPyfunc(mlflow.pyfunc.PythonModel):
 
     def _inputs(self, i: int, row: dict, seed: int) -> tuple[str, list, list[str] | None, int]:
         """Row i's prompt, decoded neighbor images and captions, and seed (`seed` where the row has none),
-        checked as the pipeline and the server check them (errors name the row and the field)."""
+        checked as the pipeline and the server check them, within the model's `serve` limits (errors name the
+        row and the field)."""
         from neighbor_diffusion.data.images import decode_image
 
+        limits = self.pipe.config.serve
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"row {i}: prompt: must be a non-empty string")
+        if len(prompt) > limits.max_prompt_chars:
+            raise ValueError(
+                f"row {i}: prompt: {len(prompt)} characters > serve.max_prompt_chars={limits.max_prompt_chars}"
+            )
         files = _as_list(row.get("neighbor_images"))
         if len(files) > self.pipe.max_neighbors:  # before decoding any
             raise ValueError(f"row {i}: neighbor_images: got {len(files)}, need 1..{self.pipe.max_neighbors}")
-        neighbors = [decode_image(_file_bytes(f), f"row {i}: neighbor_images[{j}]") for j, f in enumerate(files)]
         captions = _as_list(row.get("neighbor_captions")) or None
-        if captions is not None and len(captions) != len(neighbors):
-            raise ValueError(f"row {i}: neighbor_captions: got {len(captions)} for {len(neighbors)} neighbor_images")
+        if captions is not None and len(captions) != len(files):
+            raise ValueError(f"row {i}: neighbor_captions: got {len(captions)} for {len(files)} neighbor_images")
+        for j, caption in enumerate(captions or []):
+            if not isinstance(caption, str):
+                raise ValueError(f"row {i}: neighbor_captions[{j}]: must be a string")
+            if len(caption) > limits.max_caption_chars:
+                raise ValueError(
+                    f"row {i}: neighbor_captions[{j}]: {len(caption)} characters > "
+                    f"serve.max_caption_chars={limits.max_caption_chars}"
+                )
+        neighbors = []
+        for j, f in enumerate(files):
+            name, data = f"row {i}: neighbor_images[{j}]", _file_bytes(f)
+            if len(data) > limits.max_image_bytes:
+                raise ValueError(f"{name}: {len(data)} bytes > serve.max_image_bytes={limits.max_image_bytes}")
+            neighbors.append(decode_image(data, name, max_pixels=limits.max_image_pixels))
         return prompt, neighbors, captions, _seed(row["seed"], f"row {i}: seed") if "seed" in row else seed
 
 

@@ -80,7 +80,8 @@ class TinyTextEncoder(TextEncoder):
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.tokenize(captions)
+        device = next(self.model.parameters()).device  # the pipeline moves the encoder to its device
+        ids, mask = (t.to(device) for t in self.tokenize(captions))
         states = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return states.float(), mask
 
@@ -106,6 +107,14 @@ class HFTextEncoder(TextEncoder):
             model = AutoModel.from_pretrained(path)
             if getattr(config, "is_encoder_decoder", False):
                 model = model.get_encoder()
+        positions = getattr(model.config, "max_position_embeddings", None)  # T5's relative positions have none
+        if positions is not None and max_length > positions:
+            from neighbor_diffusion.config import ConfigError
+
+            # every caption is padded to max_length: CLIP (77) would fail at its first encode
+            raise ConfigError(
+                f"text.max_length={max_length}: the text encoder at {str(path)!r} has {positions} positions"
+            )
         self.model = model.eval().requires_grad_(False)
         self.max_length = max_length
         self.dim = getattr(model.config, "hidden_size", None) or model.config.d_model
