@@ -47,6 +47,7 @@ def _train(cfg: C.Config, *, register: bool) -> trainer.TrainOutcome:
                     f"`python jobs/prepare_data.py` with data.{name}={getattr(cfg.data, name)} first"
                 )
     num_clusters = manifest["clusters_out"]
+    resuming = trainer.check_resumable(cfg, trainer.run_dir_of(cfg))  # a run it cannot resume: said before Ray starts
     trainer.start_ray(cfg)
     from ray.data import DataContext
 
@@ -54,7 +55,7 @@ def _train(cfg: C.Config, *, register: bool) -> trainer.TrainOutcome:
     epochs = trainer.epochs_needed(cfg, num_clusters)
     print(f"[train] {num_clusters} clusters from {paths['clusters']}, {epochs} epochs for {cfg.train.steps} steps")
     dataset = training_dataset(paths["clusters"], cfg, seed=cfg.train.seed, num_epochs=epochs)
-    return trainer.train(cfg, {"train": dataset}, register=register)
+    return trainer.train(cfg, {"train": dataset}, register=register, resuming=resuming)
 
 
 def main(argv: list[str] | None = None) -> trainer.TrainOutcome:

@@ -153,6 +153,20 @@ def test_resuming_a_run_of_another_model_is_refused_with_the_fields_named(tmp_pa
     # a neighbor lr scale adds an optimizer parameter group: a checkpoint with one cannot take two
     with pytest.raises(ValueError, match=r"train\.neighbor_lr_scale \(1\.0 there\) differ"):
         check_resumable(_train_cfg(cfg, neighbor_lr_scale=5.0), tmp_path)
+    # DeepSpeed's optimizer-state layout: refused before Ray starts (was a ZeRORuntimeException in every worker)
+    zero2 = _train_cfg(cfg, zero_stage=2, num_workers=2)
+    progress["config"] = json.loads(zero2.to_json())
+    (tmp_path / "checkpoint_1" / E.PROGRESS_FILE).write_text(json.dumps(progress))
+    assert check_resumable(zero2, tmp_path)
+    for changed, message in [
+        ({"num_workers": 4}, r"train\.num_workers \(2 there\) differ"),
+        ({"zero_stage": 3}, r"train\.zero_stage \(2 there\) differ"),
+        ({"offload": True}, r"train\.offload \(False there\) differ"),
+        ({"precision": "bf16"}, r"train\.precision \(fp32 there\) differ"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_resumable(_train_cfg(zero2, **changed), tmp_path)
+    assert check_resumable(_train_cfg(zero2, precision="fp32", max_failures=5), tmp_path)  # auto on CPU is fp32
 
 
 def test_a_resumed_run_does_not_read_its_init_from_again(tmp_path, capsys):

@@ -217,9 +217,13 @@ def export_backbone(pipeline_dir: Path, out_file: Path, provenance: dict[str, st
     return out_file
 
 
+def _bf16(precision: str, use_gpu: bool) -> bool:
+    return precision == "bf16" or (precision == "auto" and use_gpu)  # as engine.deepspeed_config decides
+
+
 def check_resumable(cfg: Config, run_dir: Path | Location) -> bool:
     """Whether this run name resumes an earlier run (said when it does); refuse one whose model differs from
-    `cfg.model`."""
+    `cfg.model`, or whose optimizer state DeepSpeed could not load into this config's engine."""
     checkpoints = [p for p in storage.children(run_dir) if p.name.startswith("checkpoint_")]
     saved = [E.read_progress(p) for p in checkpoints if (p / E.PROGRESS_FILE).is_file()]
     if not saved:
@@ -228,9 +232,18 @@ def check_resumable(cfg: Config, run_dir: Path | Location) -> bool:
     old = last["config"]["model"]
     now = json.loads(json.dumps(cfg.to_dict()["model"]))  # tuples as the JSON lists of progress.json
     changed = [f"model.{k}" for k, v in now.items() if old.get(k) != v]
-    old_scale = last["config"]["train"].get("neighbor_lr_scale", 1.0)
+    old_train = last["config"]["train"]
+    old_scale = old_train.get("neighbor_lr_scale", 1.0)
     if (old_scale == 1.0) != (cfg.train.neighbor_lr_scale == 1.0):  # one optimizer parameter group or two
         changed.append(f"train.neighbor_lr_scale ({old_scale} there)")
+    # how DeepSpeed laid out the optimizer state: it cannot load another layout (2 workers from a run of 1 failed in
+    # every worker: "Automatic adjustment of ZeRO's optimizer state partitioning ... is not currently supported")
+    layout = ["zero_stage", "offload"] + (["num_workers"] if cfg.train.zero_stage > 0 else [])
+    now_train = cfg.to_dict()["train"]
+    changed += [f"train.{k} ({old_train[k]} there)" for k in layout if old_train.get(k, now_train[k]) != now_train[k]]
+    old_bf16 = _bf16(old_train.get("precision", "auto"), old_train.get("use_gpu", False))
+    if old_bf16 != _bf16(cfg.train.precision, cfg.train.use_gpu):  # a bf16 checkpoint failed in fp32 (KeyError)
+        changed.append(f"train.precision ({'bf16' if old_bf16 else 'fp32'} there)")
     if changed:
         raise ConfigError(
             f"{run_dir} holds checkpoints of another model or optimizer ({', '.join(changed)} differ): pass a new "
@@ -260,12 +273,21 @@ def init_weights_of(cfg: Config, resuming: bool) -> tuple[Config, bytes]:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=init_from)), init_weights
 
 
-def train(cfg: Config, datasets: dict, *, register: bool = True, alias: str = "candidate") -> TrainOutcome:
+def run_dir_of(cfg: Config) -> Path | Location:
+    """The run's folder (or URI) under train.storage_path: its checkpoints and the MLflow run id."""
+    return storage.location(storage_root(cfg), "train.storage_path") / cfg.train.run_name
+
+
+def train(
+    cfg: Config, datasets: dict, *, register: bool = True, alias: str = "candidate", resuming: bool | None = None
+) -> TrainOutcome:
+    """`resuming`: what `check_resumable` said, when the caller asked it before building the datasets."""
     import mlflow
     import ray
 
-    run_dir = storage.location(storage_root(cfg), "train.storage_path") / cfg.train.run_name  # a folder or a URI
-    resuming = check_resumable(cfg, run_dir)
+    run_dir = run_dir_of(cfg)
+    if resuming is None:
+        resuming = check_resumable(cfg, run_dir)
     # train.init_from is checked and read here, not in every worker: workers get its bytes from the object store
     cfg, init_weights = init_weights_of(cfg, resuming)
     start_ray(cfg)
