@@ -11,6 +11,7 @@ the number of batches consumed, so a resumed run continues where it stopped.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -60,6 +61,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     use_gpu = device.type == "cuda"
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+    if world == 1 and not use_gpu:
+        # one process has nothing to all-reduce: DeepSpeed's shared-memory op (compiled on first use, 30-50 s of
+        # a fresh machine's `make demo`) is left out; torch.distributed serves what collectives remain. The module by
+        # importlib: the attribute deepspeed.comm.torch is PyTorch itself (deepspeed.comm's `import *`)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     log = RunLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"), enabled=rank == 0)
 
