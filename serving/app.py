@@ -585,12 +585,10 @@ def serve_config(cfg: Config) -> dict[str, Any]:
     """The Serve config file (`serve run` / `serve deploy` / KubeRay serveConfigV2) for this config."""
     s = cfg.serve
     model = model_options(s, s.num_gpus)
-    shown = FILE_OPTIONS
     if s.num_gpus < 0:
         # A file's ray_actor_options replace the code's whole dict: leave them out, so that build_app,
-        # running on the cluster, gives each replica a GPU when the cluster has one (and its num_cpus from args).
+        # running on the cluster, gives each replica a GPU when the cluster has one.
         del model["ray_actor_options"]
-        shown = FILE_OPTIONS - {"num_cpus", "num_gpus"}
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s},
@@ -599,7 +597,7 @@ def serve_config(cfg: Config) -> dict[str, Any]:
                 "name": APP_NAME,
                 "route_prefix": "/",
                 "import_path": "serving.app:build_app",
-                "args": {"preset": cfg.preset, "serve": serve_args(cfg, shown)},
+                "args": {"preset": cfg.preset, "serve": serve_args(cfg)},
                 "deployments": [
                     {"name": INGRESS, **ingress_options(s)},
                     {"name": MODEL, **model},
@@ -609,20 +607,21 @@ def serve_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-# ServeConfig fields a Serve config file shows as http_options and deployment options (which replace the code's)
+# ServeConfig fields a Serve config file shows as http_options and deployment options, which replace the code's
+# (num_cpus is not one: a replica also sets its threads from it, and its copy of the config comes from `args`)
 FILE_OPTIONS = {
     "host", "port", "request_timeout_s", "min_replicas", "max_replicas", "target_ongoing_requests",
     "upscale_delay_s", "downscale_delay_s", "max_ongoing_requests", "max_queued_requests", "overload_status_code",
-    "retry_after_s", "ingress_max_ongoing_requests", "max_batch_size", "batch_wait_timeout_s", "num_cpus", "num_gpus",
+    "retry_after_s", "ingress_max_ongoing_requests", "max_batch_size", "batch_wait_timeout_s", "num_gpus",
 }  # fmt: skip
 
 
-def serve_args(cfg: Config, shown: set[str] = FILE_OPTIONS) -> dict[str, Any]:
+def serve_args(cfg: Config) -> dict[str, Any]:
     """build_app's `serve` args in a Serve config file: the model and every other field that differs from the
     preset's and that the file does not show (a request limit given to --write-config, e.g. --serve.max_steps 200,
     reaches the replicas)."""
     default = preset(cfg.preset).serve
-    changed = {f.name: getattr(cfg.serve, f.name) for f in fields(cfg.serve) if f.name not in shown}
+    changed = {f.name: getattr(cfg.serve, f.name) for f in fields(cfg.serve) if f.name not in FILE_OPTIONS}
     return {"model_uri": cfg.serve.model_uri} | {k: v for k, v in changed.items() if v != getattr(default, k)}
 
 

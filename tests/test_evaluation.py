@@ -62,7 +62,7 @@ def test_text_fidelity_flags_what_was_not_drawn():
     # a sketch hides scene and colour: they are not judged, the style is
     sketch = dataclasses.replace(shown, style="sketch", color="red")
     assert set(metrics.text_fidelity(image, subject, sketch)) == {"position", "size", "style"}
-    # a sketch nobody asked for ("a photo of ...") fails the style, and does not escape scene and colour
+    # a sketch nobody asked for ("a photo of ...") fails the style (scene and colour stay unjudged under it)
     drawn = metrics.independent_render(subject, sketch, 32, np.random.default_rng(0))
     assert metrics.text_fidelity(drawn, subject, dataclasses.replace(shown, color="red")) == {
         "style": False,

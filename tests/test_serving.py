@@ -476,8 +476,7 @@ def test_serve_config_yaml_is_generated_from_serve_config(tmp_path):
     flags = ["--serve.max_steps", "200", "--serve.num_cpus", "2", "--serve.max_replicas", "3"]
     main(["--preset", "cpu", "--serve.model_uri", "m", *flags, "--write-config", str(out)])
     app = yaml.safe_load(out.read_text())["applications"][0]
-    # max_replicas is in the model's autoscaling_config; num_cpus, with the replicas' GPUs left to build_app
-    # (serve.num_gpus -1), has no ray_actor_options to go to
+    # max_replicas is in the model's autoscaling_config; num_cpus is in args (a replica sets its threads from it)
     assert app["args"] == {"preset": "cpu", "serve": {"model_uri": "m", "max_steps": 200, "num_cpus": 2.0}}
     assert app["deployments"][1]["autoscaling_config"]["max_replicas"] == 3
     assert config_from_args(app["args"]).serve.max_steps == 200
