@@ -163,7 +163,7 @@ class BareLoop:
         t = cfg.train
         self.device = torch.device("cuda" if t.use_gpu and torch.cuda.is_available() else "cpu")
         # DeepSpeed trains in bf16 on GPU (precision auto); the bare equivalent is autocast
-        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = E.uses_bf16(t.precision, self.device.type == "cuda")
         self.batches = [
             {k: v.to(self.device) for k, v in b.items()} for b in in_memory_batches(cfg, shard_dir, num_batches)
         ]

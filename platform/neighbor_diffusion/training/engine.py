@@ -34,10 +34,15 @@ PROGRESS_FILE = "progress.json"
 # ---------------------------------------------------------------------------- config
 
 
+def uses_bf16(precision: str, use_gpu: bool) -> bool:
+    """train.precision as it resolves: "auto" is bf16 on GPU, fp32 on CPU."""
+    return precision == "bf16" or (precision == "auto" and use_gpu)
+
+
 def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config generated from ours (+ the user's JSON overrides, if any)."""
     t = cfg.train
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and use_gpu)
+    bf16 = uses_bf16(t.precision, use_gpu)
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}

@@ -217,10 +217,6 @@ def export_backbone(pipeline_dir: Path, out_file: Path, provenance: dict[str, st
     return out_file
 
 
-def _bf16(precision: str, use_gpu: bool) -> bool:
-    return precision == "bf16" or (precision == "auto" and use_gpu)  # as engine.deepspeed_config decides
-
-
 def check_resumable(cfg: Config, run_dir: Path | Location) -> bool:
     """Whether this run name resumes an earlier run (said when it does); refuse one whose model differs from
     `cfg.model`, or whose optimizer state DeepSpeed could not load into this config's engine."""
@@ -229,20 +225,18 @@ def check_resumable(cfg: Config, run_dir: Path | Location) -> bool:
     if not saved:
         return False
     last = max(saved, key=lambda p: p["step"])
-    old = last["config"]["model"]
-    now = json.loads(json.dumps(cfg.to_dict()["model"]))  # tuples as the JSON lists of progress.json
-    changed = [f"model.{k}" for k, v in now.items() if old.get(k) != v]
-    old_train = last["config"]["train"]
+    old, now = last["config"], json.loads(json.dumps(cfg.to_dict()))  # tuples as the JSON lists of progress.json
+    changed = [f"model.{k}" for k, v in now["model"].items() if old["model"].get(k) != v]
+    old_train, now_train = old["train"], now["train"]
     old_scale = old_train.get("neighbor_lr_scale", 1.0)
     if (old_scale == 1.0) != (cfg.train.neighbor_lr_scale == 1.0):  # one optimizer parameter group or two
         changed.append(f"train.neighbor_lr_scale ({old_scale} there)")
     # how DeepSpeed laid out the optimizer state: it cannot load another layout (2 workers from a run of 1 failed in
     # every worker: "Automatic adjustment of ZeRO's optimizer state partitioning ... is not currently supported")
     layout = ["zero_stage", "offload"] + (["num_workers"] if cfg.train.zero_stage > 0 else [])
-    now_train = cfg.to_dict()["train"]
     changed += [f"train.{k} ({old_train[k]} there)" for k in layout if old_train.get(k, now_train[k]) != now_train[k]]
-    old_bf16 = _bf16(old_train.get("precision", "auto"), old_train.get("use_gpu", False))
-    if old_bf16 != _bf16(cfg.train.precision, cfg.train.use_gpu):  # a bf16 checkpoint failed in fp32 (KeyError)
+    old_bf16 = E.uses_bf16(old_train.get("precision", "auto"), old_train.get("use_gpu", False))
+    if old_bf16 != E.uses_bf16(cfg.train.precision, cfg.train.use_gpu):  # a bf16 checkpoint failed in fp32 (KeyError)
         changed.append(f"train.precision ({'bf16' if old_bf16 else 'fp32'} there)")
     if changed:
         raise ConfigError(
