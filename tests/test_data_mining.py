@@ -192,6 +192,36 @@ def test_filter_group_drops_outliers_and_scores_coherence():
     assert keep.sum() <= 1 and coherence == 0.0
 
 
+def _filter_group_pairwise(e: np.ndarray, threshold: float) -> tuple[np.ndarray, float]:
+    """filter_group's definition, written out with the N x N cosine matrix."""
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    sim = e @ e.T
+    medoid = int(np.argmax((sim.sum(1) - 1.0) / (len(e) - 1)))
+    centre = e[sim[medoid] >= threshold].mean(0)
+    keep = e @ (centre / np.linalg.norm(centre)) >= threshold
+    m = int(keep.sum())
+    return keep, 0.0 if m < 2 else float((sim[np.ix_(keep, keep)].sum() - m) / (m * (m - 1)))
+
+
+def test_filter_group_matches_pairwise_definition_without_n_squared_memory():
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    for n, subjects in [(2, 1), (7, 2), (40, 3), (300, 5)]:
+        centres = rng.random((subjects, 24))
+        e = centres[rng.integers(0, subjects, n)] + 0.3 * rng.random((n, 24))
+        keep, coherence = mining.filter_group(e.astype(np.float32), outlier_threshold=0.9)
+        want_keep, want_coherence = _filter_group_pairwise(e.astype(np.float32), 0.9)
+        assert keep.tolist() == want_keep.tolist() and coherence == pytest.approx(want_coherence, abs=1e-5), n
+    # a 20k-image gallery page: an N x N float32 matrix would be 1.6 GB
+    e = (np.ones(16) + 0.1 * rng.random((20_000, 16))).astype(np.float32)
+    tracemalloc.start()
+    keep, coherence = mining.filter_group(e, outlier_threshold=0.9)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert keep.all() and coherence > 0.99 and peak < 50 * 2**20, peak
+
+
 def test_descriptor_same_subject_closer_than_other_subject():
     embed = mining.DescriptorEmbedder()
     rng = np.random.default_rng(1)

@@ -375,22 +375,26 @@ def filter_group(embeddings: np.ndarray, outlier_threshold: float) -> tuple[np.n
     to outliers while they are a minority); members with cosine < outlier_threshold to
     the centre are dropped. Coherence: mean pairwise cosine of the kept members.
     Returns (keep (N,) bool, coherence).
+
+    Memory and time are O(N * dim), not O(N^2): a member's summed cosine to all members is
+    its dot product with their sum, and the kept members' summed pairwise cosines are their
+    sum's squared norm (a 50k-image gallery page would need a 10 GB N x N matrix).
     """
     e = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-8)
     n = len(e)
     if n == 1:
         return np.ones(1, dtype=bool), 0.0
-    sim = e @ e.T  # (N, N)
-    medoid = int(np.argmax((sim.sum(1) - 1.0) / (n - 1)))
-    close = sim[medoid] >= outlier_threshold
+    medoid = int(np.argmax(e @ e.sum(0, dtype=np.float64)))  # the largest mean cosine to the others
+    close = e @ e[medoid] >= outlier_threshold
     centre = e[close].mean(0)
     centre /= max(float(np.linalg.norm(centre)), 1e-8)
     keep = e @ centre >= outlier_threshold
     m = int(keep.sum())
     if m < 2:
         return keep, 0.0
-    ks = sim[np.ix_(keep, keep)]
-    return keep, float((ks.sum() - m) / (m * (m - 1)))
+    total = e[keep].sum(0, dtype=np.float64)
+    pair_sum = float(total @ total) - float(np.einsum("ij,ij->", e[keep], e[keep], dtype=np.float64))
+    return keep, pair_sum / (m * (m - 1))
 
 
 def cluster_group(batch: dict[str, np.ndarray], outlier_threshold: float, coherence_threshold: float,
