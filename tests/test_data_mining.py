@@ -192,6 +192,23 @@ def test_filter_group_drops_outliers_and_scores_coherence():
     assert keep.sum() <= 1 and coherence == 0.0
 
 
+def test_a_picture_shown_twice_on_a_page_is_one_member():
+    """The same pixels twice in a cluster would make a target its own neighbor (the copy-paste shortcut)."""
+    rng = np.random.default_rng(0)
+    pngs = [crawl.encode(crawl.abstract_image(rng, 32), "PNG") for _ in range(3)]
+    emb = np.ones((4, 8), np.float32).tobytes()
+    batch = {  # crawl order: shard b before c; the second copy of pngs[0] comes last
+        "key": np.array(["k2", "k0", "k1", "k3"]), "shard": np.array(["b", "b", "b", "c"]),
+        "index": np.array([2, 0, 1, 0]), "page": np.array(["p"] * 4),
+        "image": np.array([pngs[2], pngs[0], pngs[1], pngs[0]], dtype=object),
+        "embedding": np.array([emb[:32]] * 4, dtype=object), "caption": np.array(["a", "b", "c", "d"]),
+        "url": np.array(["u2", "u0", "u1", "u3"]),
+    }  # fmt: skip
+    out = mining.cluster_group(batch, outlier_threshold=0.5, coherence_threshold=0.5, min_size=2, max_size=8)
+    assert out["keys"] == [["k0", "k1", "k2"]] and out["duplicate_image_keys"] == [["k3"]]
+    assert out["num_members"] == [3] and out["rejected_keys"] == [[]] and out["status"] == [mining.OK]
+
+
 def _filter_group_pairwise(e: np.ndarray, threshold: float) -> tuple[np.ndarray, float]:
     """filter_group's definition, written out with the N x N cosine matrix."""
     e = e / np.linalg.norm(e, axis=1, keepdims=True)
@@ -266,13 +283,11 @@ def test_mining_end_to_end_counts_every_bad_case(mined):
     assert name == "99999.tar" and damage.startswith("the tar is cut short")
     assert f"({readable_truncated} records before" in damage
     good = [t for t in truth if t["bad"] == "" and not t["caption_junk"] and t["shard"] != 99999]
-    assert manifest["pairs_valid"] == len(good) + readable_truncated
-    assert manifest["pairs_in"] == manifest["pairs_valid"] + sum(
-        v for k, v in drops.items() if k not in ("outlier", "incoherent", "cluster_too_small")
-    )
-    assert manifest["pairs_valid"] == manifest["pairs_out"] + drops.get("outlier", 0) + drops.get(
-        "incoherent", 0
-    ) + drops.get("cluster_too_small", 0)
+    again = [t for t in truth if t["bad"] == "duplicate_image"]  # valid pairs: dropped in their page's group
+    assert manifest["pairs_valid"] == len(good) + readable_truncated + len(again)
+    in_groups = ("outlier", "incoherent", "cluster_too_small", "duplicate_image")
+    assert manifest["pairs_in"] == manifest["pairs_valid"] + sum(v for k, v in drops.items() if k not in in_groups)
+    assert manifest["pairs_valid"] == manifest["pairs_out"] + sum(drops.get(k, 0) for k in in_groups)
     assert manifest["filter"]["precision"] >= 0.9 and manifest["filter"]["recall"] >= 0.85
 
 
@@ -283,6 +298,7 @@ def test_cluster_shards_follow_the_schema(mined):
     assert table.names == mining.CLUSTER_SCHEMA.names
     rows = [r for f in files for r in pq.read_table(f).to_pylist()]
     assert len(rows) == manifest["clusters_out"] > 0
+    assert all(len(set(r["images"])) == len(r["images"]) for r in rows)  # no picture twice (a target its neighbor)
     assert sum(r["num_members"] for r in rows) == manifest["pairs_out"]
     truth = {t["key"]: t for t in pq.read_table(out / "ground_truth.parquet").to_pylist() if t["bad"] == ""}
     for r in rows:

@@ -40,7 +40,7 @@ from neighbor_diffusion.data.storage import Location
 
 JUNK_CAPTIONS = ("IMG_{n}.JPG", "DSC{n:05d}.jpg", "buy now", "click here", "", "image", "product photo", "untitled")
 CRAWL_IMAGE_SIZES = (64, 80, 96, 128, 160)
-BAD_KINDS = (
+RECORD_DEFECTS = (  # one record each, drawn by `_bad_records`
     "image_undecodable",
     "image_truncated",
     "image_empty",
@@ -50,6 +50,7 @@ BAD_KINDS = (
     "missing_page_url",
     "duplicate_key",
 )
+BAD_KINDS = (*RECORD_DEFECTS, "duplicate_image")  # and the same picture again on its page (`_repeated_images`)
 ODD_MODES = ("CMYK", "P", "RGBA", "I;16")  # good images in unusual modes: must be converted, not dropped
 
 
@@ -194,7 +195,9 @@ def build_pages(cfg: Config) -> list[dict[str, Any]]:
     _inject_odd_modes(records, rng, d.bad_records)
     records.extend(_bad_records(records, rng, d.bad_records))
     order = rng.permutation(len(records))  # a crawl lists pages interleaved
-    return [records[i] for i in order]
+    records = [records[i] for i in order]
+    # a page that shows a picture again (drawn apart and put last: the records above stay as they were)
+    return records + _repeated_images(records, np.random.default_rng(world.derive_seed(d.seed, "again")), d.bad_records)
 
 
 def _inject_odd_modes(records: list[dict[str, Any]], rng: np.random.Generator, n: int) -> None:
@@ -212,7 +215,7 @@ def _bad_records(records: list[dict[str, Any]], rng: np.random.Generator, n: int
     """Extra records, each with one defect; `duplicate_key` is resolved at write time."""
     out = []
     good = [r for r in records if not r["truth"]["caption_junk"]]
-    for kind in BAD_KINDS:
+    for kind in RECORD_DEFECTS:
         for _ in range(n):
             src = good[int(rng.integers(0, len(good)))]
             r = dict(src, truth=dict(src["truth"], bad=kind))
@@ -234,6 +237,13 @@ def _bad_records(records: list[dict[str, Any]], rng: np.random.Generator, n: int
                 r["duplicate_of"] = src  # same key and bytes as src, in another shard
             out.append(r)
     return out
+
+
+def _repeated_images(records: list[dict[str, Any]], rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
+    """`n` good records shown again on their page: the same image bytes and caption under a new key."""
+    good = [r for r in records if not r["truth"]["bad"] and not r["truth"]["caption_junk"]]
+    chosen = rng.choice(len(good), size=min(n, len(good)), replace=False) if n > 0 else []
+    return [dict(good[int(i)], truth=dict(good[int(i)]["truth"], bad="duplicate_image")) for i in chosen]
 
 
 # ---------------------------------------------------------------------------- writing

@@ -6,7 +6,8 @@
     validate      decode (bombs checked before pixels), odd modes -> RGB, resize + crop to
                   model.image_size, caption cleanup, page-URL normalisation, image embedding
                   (an actor pool: the embedder may be a CLIP/DINO model); bad rows get a reason
-    deduplicate   duplicate keys (the first occurrence in crawl order wins)
+    deduplicate   duplicate keys (the first occurrence in crawl order wins); in a page, the same picture
+                  again (same pixels at model.image_size) is dropped as duplicate_image
     group         by normalised page URL -> drop members far from the group's centre, drop
                   groups whose coherence < data.coherence_threshold or with < min_cluster_size
     encode        captions -> frozen text-encoder token states (actor pool), float16 bytes
@@ -21,6 +22,7 @@ The pure functions (`parse_tar`, `parse_parquet`, `validate_record`, `clean_capt
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import json
@@ -401,9 +403,17 @@ def cluster_group(batch: dict[str, np.ndarray], outlier_threshold: float, cohere
                   min_size: int, max_size: int) -> dict[str, list]:  # fmt: skip
     """Ray map_groups: the validated rows of one page -> one cluster row (status OK or why dropped).
 
-    Members are ordered by crawl position; beyond `max_size`, the most central are kept.
+    Members are ordered by crawl position; a picture the page shows again (the same pixels at model size: the
+    same PNG bytes) is one member, the first (a copy would be its own neighbor: the copy-paste shortcut);
+    beyond `max_size`, the most central are kept.
     """
     order = np.lexsort((batch["index"], batch["shard"]))
+    again, seen = np.zeros(len(order), dtype=bool), set()
+    for j, data in enumerate(batch["image"][order]):
+        digest = hashlib.sha256(data).digest()
+        again[j] = digest in seen
+        seen.add(digest)
+    order, copies = order[~again], order[again]
     emb = np.stack([np.frombuffer(b, dtype=np.float32) for b in batch["embedding"][order]])  # (N, dim)
     keep, coherence = filter_group(emb, outlier_threshold)
     if keep.sum() > max_size:
@@ -426,6 +436,7 @@ def cluster_group(batch: dict[str, np.ndarray], outlier_threshold: float, cohere
         "keys": [[str(k) for k in batch["key"][sel]]],
         "urls": [[str(u) for u in batch["url"][sel]]],
         "rejected_keys": [[str(k) for k in batch["key"][order[~keep]]]],
+        "duplicate_image_keys": [[str(k) for k in batch["key"][copies]]],
     }
 
 
@@ -622,14 +633,18 @@ def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: s
         )
         .materialize()
     )
-    gstats = groups.select_columns(["cluster_id", "status", "num_members", "keys", "rejected_keys"]).to_pandas()
+    gstats = groups.select_columns(
+        ["cluster_id", "status", "num_members", "keys", "rejected_keys", "duplicate_image_keys"]
+    ).to_pandas()
 
     # 4. caption embeddings (actor pool) -> Parquet cluster shards. The old manifest goes with the old shards:
     # a write that fails half way leaves no manifest for training to take the partial folder by
     if manifest_path.is_file():
         manifest_path.unlink()
     storage.remove_files(clusters_dir, ".parquet")
-    good_groups = groups.filter(expr=f"status == '{OK}'").drop_columns(["status", "rejected_keys"])
+    good_groups = groups.filter(expr=f"status == '{OK}'").drop_columns(
+        ["status", "rejected_keys", "duplicate_image_keys"]
+    )
     encoded = good_groups.map_batches(
         CaptionEncoder,
         batch_size=16,
@@ -647,6 +662,7 @@ def mine(cfg: Config, input_dir: str | Path | Location | None = None, out_dir: s
     pair_drops = Counter(s for s in table["status"] if s not in (OK, DAMAGED))  # a damaged file's marker is no pair
     for _, g in gstats.iterrows():
         pair_drops["outlier"] += len(g["rejected_keys"])
+        pair_drops["duplicate_image"] += len(g["duplicate_image_keys"])
         if g["status"] != OK:
             pair_drops[g["status"]] += len(g["keys"])
     real_rows = table[table["status"] != DAMAGED]
@@ -698,11 +714,12 @@ def _filter_scores(table, gstats, truth: dict[str, dict[str, Any]]) -> dict[str,
     Positive: the image shows its page's subject. Predicted: kept in a cluster that was written.
     """
     kept_keys = {k for ks, s in zip(gstats["keys"], gstats["status"]) if s == OK for k in ks}
+    copies = {k for ks in gstats["duplicate_image_keys"] for k in ks}
     reached = table[table["status"] == OK]
     pos, pred, kinds = [], [], []
     for key in reached["key"]:
         t = truth.get(key)
-        if t is None:
+        if t is None or key in copies:
             continue
         pos.append(bool(t["is_page_subject"]))
         pred.append(key in kept_keys)
