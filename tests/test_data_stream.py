@@ -100,6 +100,19 @@ def test_wrong_text_settings_name_the_field():
         stream.build_example(make_cluster("c", 3, 0), bad, np.random.default_rng(0))
 
 
+def test_a_damaged_cluster_row_names_its_cluster_and_fields():
+    """A bare IndexError or reshape error, hours into a run, named nothing."""
+    cfg = debug()
+    for field, value, message in [
+        ("captions", ["one", "two"], r"captions 2 \(need 3\)"),
+        ("text_shape", [4, T, D], r"text_shape\[0\] 4 \(need 3\)"),
+        ("text_states", b"\0" * 10, rf"text_states bytes 10 \(need {2 * 3 * T * D}\)"),
+        ("text_mask", b"\1" * (2 * T), rf"text_mask bytes {2 * T} \(need {3 * T}\)"),
+    ]:
+        with pytest.raises(ValueError, match=r"cluster 'c': 3 images but .*" + message):
+            stream.build_example(make_cluster("c", 3, 0) | {field: value}, cfg, np.random.default_rng(0))
+
+
 def test_training_dataset_on_ray(tmp_path, monkeypatch):
     import ray
 
@@ -144,6 +157,17 @@ def test_training_dataset_on_ray(tmp_path, monkeypatch):
         in_order, _ = run(0, per_task=1, root=slow, epochs=2)
         trained, _ = run(0, per_task=3, root=slow, epochs=2, via_train=True)
         other, _ = run(1)
+        # shards with no rows (the workers waited for a first batch for ever) or of something else: said up front
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        pq.write_table(pa.Table.from_pylist([], schema=CLUSTER_SCHEMA), empty / "a.parquet")
+        with pytest.raises(ValueError, match=r"empty: the cluster shards hold no rows"):
+            stream.training_dataset(str(empty), cfg, seed=0, num_epochs=1)
+        foreign = tmp_path / "foreign"
+        foreign.mkdir()
+        pq.write_table(pa.table({"cluster_id": ["x"], "images": [[b"png"]]}), foreign / "a.parquet")
+        with pytest.raises(ValueError, match=r"foreign: the cluster shards have no column captions, text_encoder"):
+            stream.training_dataset(str(foreign), cfg, seed=0, num_epochs=1)
         left_in_context = ray.data.DataContext.get_current().custom_execution_callback_classes
     finally:
         ray.shutdown()

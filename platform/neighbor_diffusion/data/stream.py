@@ -90,8 +90,16 @@ def check_cluster(cluster: dict[str, Any], cfg: Config) -> None:
             f"cluster {cid!r}: captions were encoded with text.max_length={cluster['text_shape'][1]}, the run uses "
             f"text.max_length={cfg.text.max_length}"
         )
-    if len(cluster["images"]) < 2:
-        raise ValueError(f"cluster {cid!r}: {len(cluster['images'])} member(s); a cluster needs >= 2")
+    n = len(cluster["images"])
+    if n < 2:
+        raise ValueError(f"cluster {cid!r}: {n} member(s); a cluster needs >= 2")
+    t, d = (int(v) for v in cluster["text_shape"][1:])
+    got = {"captions": len(cluster["captions"]), "text_shape[0]": int(cluster["text_shape"][0]),
+           "text_states bytes": len(cluster["text_states"]), "text_mask bytes": len(cluster["text_mask"])}  # fmt: skip
+    need = {"captions": n, "text_shape[0]": n, "text_states bytes": 2 * n * t * d, "text_mask bytes": n * t}
+    wrong = [f"{k} {got[k]} (need {want})" for k, want in need.items() if got[k] != want]
+    if wrong:
+        raise ValueError(f"cluster {cid!r}: {n} images but {', '.join(wrong)}: a damaged shard; re-run prepare_data.py")
 
 
 def build_example(cluster: dict[str, Any], cfg: Config, rng: np.random.Generator, augment: bool = True) -> dict:
@@ -194,6 +202,13 @@ def training_dataset(
     context.custom_execution_callback_classes = [*saved[1], _PacedScheduling]
     try:
         clusters = ray.data.read_parquet(files, filesystem=fs).materialize()
+        schema = clusters.schema()  # None when no file holds a row (the workers waited for a first batch for ever)
+        if schema is None:
+            raise ValueError(f"{shard_dir}: the cluster shards hold no rows; re-run jobs/prepare_data.py")
+        missing = [c for c in ("cluster_id", "images", "captions", "text_encoder", "text_states", "text_mask",
+                               "text_shape") if c not in schema.names]  # fmt: skip
+        if missing:
+            raise ValueError(f"{shard_dir}: the cluster shards have no column {', '.join(missing)}: not mined here?")
         blocks = clusters.to_arrow_refs()
         count = ray.remote(num_cpus=0)(_num_rows)  # counted where the blocks lie, not fetched here
         ends = np.cumsum(ray.get([count.remote(b) for b in blocks]))
