@@ -53,6 +53,7 @@ from neighbor_diffusion.config import (
     add_cli_arguments,
     cli_errors,
     from_cli_args,
+    image_seeds,
     override,
     preset,
 )
@@ -474,12 +475,6 @@ def prefers_png(accept: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- building the application
-
-
-def image_seeds(seed: int, num_images: int) -> list[int]:
-    """The seeds of a request's images: `seed`, `seed + 1`, ..., wrapped into 0..MAX_SEED, so that each one can
-    be sent back (as `seed`, one image) for the same image."""
-    return [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
 
 
 def model_id(uri: str) -> str:

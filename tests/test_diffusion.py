@@ -59,6 +59,32 @@ def test_loss_uses_injected_noise_and_dropped_conditions(cfg, model):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_bf16_training_noises_the_least_noisy_timesteps_too(cfg, prediction_type):
+    """In bf16 (GPU training) diffusers' add_noise rounded alphas_cumprod near 1 to 1: x_t == x0 for t <= 20."""
+    seen = []
+
+    class Spy(torch.nn.Module):  # the model's place: records its input, predicts 0
+        def encode_neighbors(self, *args):
+            return None
+
+        def forward(self, x_t, t, *args):
+            seen.append(x_t)
+            return torch.zeros_like(x_t)
+
+    dcfg = dataclasses.replace(cfg.diffusion, prediction_type=prediction_type)
+    sched = D.train_scheduler(dcfg)
+    b = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in random_batch(cfg).items()}
+    t, noise = torch.tensor([5, 15]), torch.randn_like(b["image"])
+    keep = (torch.zeros(2, dtype=torch.bool),) * 2
+    loss = D.training_losses(Spy(), b, sched, dcfg, t=t, noise=noise, drop=keep)
+    x_t = sched.add_noise(b["image"].float(), noise.float(), t)
+    assert seen[0].dtype == torch.bfloat16 and not torch.equal(seen[0], b["image"])
+    torch.testing.assert_close(seen[0].float(), x_t, atol=8e-3, rtol=0)  # bf16's rounding of x_t, not of alphas
+    target = noise.float() if prediction_type == "epsilon" else sched.get_velocity(b["image"].float(), noise.float(), t)
+    torch.testing.assert_close(loss, target.pow(2).mean(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weighting_is_clipped_snr_times_x0_error(cfg, model, prediction_type):
     """Min-SNR-gamma: whatever the parametrisation, the weighted loss is min(SNR, gamma) x the x0 error."""
     gamma = 5.0

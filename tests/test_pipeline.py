@@ -75,6 +75,19 @@ def test_bad_inputs_name_the_field(pipe):
         pipe("x", [_subject((1, 2, 3)), "not an image"])
     with pytest.raises(ValueError, match="neighbor_captions"):
         pipe("x", [_subject((1, 2, 3))], neighbor_captions=["a", "b"])
+    # one neighbor set (one row) for three prompts: guided branches took other rows' neighbors, silently
+    one_row = pipe.encode_neighbor_set([_subject((1, 2, 3))])
+    with pytest.raises(ValueError, match=r"neighbors: got 1 rows for 3 prompts"):
+        pipe.generate(["a", "b", "c"], one_row, [0, 1, 2], num_inference_steps=2)
+
+
+def test_images_of_one_call_have_the_server_s_seeds(pipe):
+    """Image i has seed + i wrapped into 0..MAX_SEED, as the server gives it (was seed + i unwrapped)."""
+    from neighbor_diffusion.config import MAX_SEED
+
+    two = pipe("a toy", num_images=2, seed=MAX_SEED, num_inference_steps=2)
+    wrapped = pipe("a toy", seed=0, num_inference_steps=2)
+    assert np.array_equal(np.asarray(two[1]), np.asarray(wrapped[0]))
 
 
 def test_save_load_round_trip_gives_identical_samples(pipe, tmp_path):
@@ -88,6 +101,11 @@ def test_save_load_round_trip_gives_identical_samples(pipe, tmp_path):
     nbs = [_subject((20, 200, 30))]
     kw = dict(seed=7, num_inference_steps=4, output_type="pt")
     torch.testing.assert_close(pipe("a mug in snow", nbs, **kw), loaded("a mug in snow", nbs, **kw), rtol=0, atol=0)
+    # its config edited to another text encoder (MiniLM's 384 wide states for a UNet of the tiny one's 32)
+    meta["config"]["text"]["encoder"] = "minilm"
+    (tmp_path / "p" / "neighbor_diffusion.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"text\.encoder='minilm' gives 384-wide token states, the UNet .* takes 32"):
+        NeighborDiffusionPipeline.from_pretrained(tmp_path / "p", device="cpu")
 
 
 def test_from_pretrained_rejects_other_folders(tmp_path):

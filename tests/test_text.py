@@ -54,3 +54,13 @@ def test_a_local_encoder_with_fewer_positions_than_max_length_is_refused():
 
     with pytest.raises(ConfigError, match=r"text.max_length=600: the text encoder at .* has 512 positions"):
         HFTextEncoder(minilm_path(), max_length=600)  # CLIP's 77 failed at its first encode
+
+
+def test_a_name_that_is_no_local_folder_is_refused_before_transformers_sees_it():
+    """A hub id (or a typo) went to AutoConfig.from_pretrained, which looks it up on the hub: nothing may be
+    downloaded at run time. Both ways of naming an encoder (its width, the encoder) refuse it, naming the field."""
+    import pytest
+
+    for call in (text_encoder_dim, lambda name: build_text_encoder(name, 16)):
+        with pytest.raises(FileNotFoundError, match=r"text\.encoder='openai/clip-vit-base-patch32': no transformers"):
+            call("openai/clip-vit-base-patch32")

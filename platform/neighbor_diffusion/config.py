@@ -114,6 +114,12 @@ THRESHOLDING = ("dynamic", "static", "none")
 MAX_SEED = 2**32 - 1  # the seeds a request (serving) or a pyfunc row may give
 
 
+def image_seeds(seed: int, num_images: int) -> list[int]:
+    """The seeds of a request's images: `seed`, `seed + 1`, ..., wrapped into 0..MAX_SEED, so that each one can
+    be sent back (as `seed`, one image) for the same image."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
+
+
 @dataclass(frozen=True)
 class Range:
     """An inclusive range of numbers; `x in r` is False for NaN."""

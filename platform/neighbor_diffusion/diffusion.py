@@ -175,9 +175,13 @@ def training_losses(
     neighbors = model.encode_neighbors(
         batch["neighbor_images"], batch["neighbor_text_states"], batch["neighbor_text_mask"].bool(), neighbor_mask
     )
-    # 2. forward process and target
-    x_t = scheduler.add_noise(x0, noise, t)
-    target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    # 2. forward process and target, in fp32: diffusers casts the schedule to the images' dtype, and in bf16 (GPU
+    # training) the alphas near 1 round to 1, so x_t was x0 itself for t <= 20 (squaredcos_cap_v2)
+    x_t = scheduler.add_noise(x0.float(), noise.float(), t).to(x0.dtype)
+    if cfg.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = scheduler.get_velocity(x0.float(), noise.float(), t)
     # 3. prediction
     pred = model(x_t, t, text_states, text_mask, neighbors)
     if not cfg.snr_gamma:
@@ -296,6 +300,8 @@ def sample(
     seeds = [int(seed)] * B if isinstance(seed, numbers.Integral) else [int(s) for s in seed]
     if len(seeds) != B:
         raise ValueError(f"seed: got {len(seeds)} seeds for {B} rows")
+    if isinstance(neighbors, NeighborFeatures) and neighbors.mask.shape[0] != B:  # (guided branches would mix rows)
+        raise ValueError(f"neighbors: got {neighbors.mask.shape[0]} rows for {B} prompts (NeighborFeatures.repeat?)")
     if x_T is None:
         x_T = torch.randn((B, cfg.in_channels, cfg.image_size, cfg.image_size), generator=generator)
     x = x_T.to(device)

