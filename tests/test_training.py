@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,15 @@ def test_resuming_a_run_of_another_model_is_refused_with_the_fields_named(tmp_pa
     # a neighbor lr scale adds an optimizer parameter group: a checkpoint with one cannot take two
     with pytest.raises(ValueError, match=r"train\.neighbor_lr_scale \(1\.0 there\) differ"):
         check_resumable(_train_cfg(cfg, neighbor_lr_scale=5.0), tmp_path)
+    # the data position: another split or number of examples per step would repeat or skip examples
+    for changed, message in [
+        ({"num_workers": 2}, r"train\.num_workers \(1 there\) differ"),
+        ({"seed": 1}, r"train\.seed \(0 there\) differ"),
+        ({"batch_size": 4}, r"train\.batch_size x train\.grad_accum \(8 there\) differ"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_resumable(_train_cfg(cfg, **changed), tmp_path)
+    assert check_resumable(_train_cfg(cfg, batch_size=4, grad_accum=2), tmp_path)  # the same examples per step
     # DeepSpeed's optimizer-state layout: refused before Ray starts (was a ZeRORuntimeException in every worker)
     zero2 = _train_cfg(cfg, zero_stage=2, num_workers=2)
     progress["config"] = json.loads(zero2.to_json())
@@ -183,7 +193,9 @@ def test_a_resumed_run_does_not_read_its_init_from_again(tmp_path, capsys):
 
 
 def test_a_failed_training_ends_its_mlflow_run_as_failed_and_a_resume_runs_it_again(tmp_path, monkeypatch):
-    """Ray Train's error (max_failures used up, say) used to leave the MLflow run RUNNING in the UI for ever."""
+    """Ray Train's error (max_failures used up, say) used to leave the MLflow run RUNNING in the UI for ever. A
+    re-run that resumes a checkpoint continues its MLflow run; one that starts from step 0 (no checkpoint, and
+    perhaps other settings) gets its own, with its own params."""
     import types
 
     from mlflow import MlflowClient
@@ -196,18 +208,32 @@ def test_a_failed_training_ends_its_mlflow_run_as_failed_and_a_resume_runs_it_ag
 
     class DiesAfterFit:
         def fit(self):
-            seen.append(MlflowClient().get_run(run_id()).info.status)
+            seen.append((run_id(), MlflowClient().get_run(run_id()).info.status))
             return types.SimpleNamespace(error=RuntimeError("the worker group died 3 times"))
 
     def run_id():
         return (tmp_path / "runs" / "smoke" / "mlflow_run_id").read_text()
 
-    monkeypatch.setattr(trainer, "build_trainer", lambda *args, **kwargs: DiesAfterFit())
-    for _ in range(2):  # the same run name again resumes the same MLflow run, RUNNING while it trains
+    def attempt(cfg):
         with pytest.raises(RuntimeError, match="the worker group died 3 times"):
-            trainer.train(_cfg(tmp_path), {})
+            trainer.train(cfg, {})
         assert MlflowClient().get_run(run_id()).info.status == "FAILED"
-    assert seen == ["RUNNING", "RUNNING"]
+        return run_id()
+
+    monkeypatch.setattr(trainer, "build_trainer", lambda *args, **kwargs: DiesAfterFit())
+    first = attempt(_cfg(tmp_path))
+    second = attempt(_cfg(tmp_path, lr=1e-4))  # no checkpoint: from step 0, its own run with its own lr
+    assert second != first and MlflowClient().get_run(second).data.params["train.lr"] == "0.0001"
+    (tmp_path / "runs" / "smoke" / "checkpoint_1").mkdir()
+    progress = {"step": 4, "config": json.loads(_cfg(tmp_path, lr=1e-4).to_json())}
+    (tmp_path / "runs" / "smoke" / "checkpoint_1" / E.PROGRESS_FILE).write_text(json.dumps(progress))
+    assert attempt(_cfg(tmp_path, lr=1e-4)) == second  # resumes: the same MLflow run, RUNNING again while it trains
+    assert seen == [(first, "RUNNING"), (second, "RUNNING"), (second, "RUNNING")]
+    # a driver killed before its first checkpoint left its run RUNNING: a fresh start marks it KILLED
+    shutil.rmtree(tmp_path / "runs" / "smoke" / "checkpoint_1")
+    MlflowClient().update_run(second, status="RUNNING")
+    assert attempt(_cfg(tmp_path)) not in (first, second)
+    assert MlflowClient().get_run(second).info.status == "KILLED"
 
 
 def _train_cfg(cfg, **train):
@@ -396,6 +422,10 @@ def test_zero_stage_trains_checkpoints_and_registers(zero_runs, stage):
     assert run.data.params["train.zero_stage"] == str(stage) and "model.num_parameters" in run.data.params
     assert {"loss", "lr", "grad_norm", "samples_per_s", "data_wait_fraction"} <= set(run.data.metrics)
     assert run.data.metrics["grad_norm"] > 0
+    # the rate logged at step n is the one step n trained at (was the next step's: read after the schedule moved)
+    rate = E.lr_lambda(cfg)
+    lrs = {m.step: m.value for m in client.get_metric_history(out.run_id, "lr")}
+    assert lrs == {n: pytest.approx(cfg.train.lr * rate(n - 1)) for n in range(1, cfg.train.steps + 1)}, lrs
     ratio = run.data.metrics["neighbor_loss_ratio"]  # logged with the final sample grid
     assert (
         ratio > 0

@@ -93,7 +93,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=E.ENGINE_TAG)
+            loaded, _ = engine.load_checkpoint(d, tag=E.ENGINE_TAG)
+            if loaded is None:  # DeepSpeed only warns, and would train on from fresh weights at the saved step
+                raise RuntimeError(f"checkpoint {checkpoint.path}: no DeepSpeed state {E.ENGINE_TAG!r} in it")
             ema.load(Path(d) / E.EMA_FILE)
             start_step = E.read_progress(Path(d))["step"]
         if rank == 0:
@@ -113,10 +115,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     batches = _batches(shard, t.batch_size, start_step * t.grad_accum, device)
     samples_per_step = t.batch_size * t.grad_accum * world
-    window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+    window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
     run_start = time.perf_counter()
+    own_norm = float("nan")  # (set below at stage 0; a ZeRO or bf16 optimizer gives its own)
     for step in range(start_step, t.steps):
         step_start = time.perf_counter()
+        lr = engine.get_lr()[0]  # this step's: the schedule moves on at engine.step()
         loss_sum = 0.0
         for micro in range(t.grad_accum):
             wait_start = time.perf_counter()
@@ -135,6 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             grad_norm = own_norm
         ema.update(engine.module.unet, step)
         window["loss"] += loss_sum / t.grad_accum
+        window["grad_norm"] += float(grad_norm)
         window["n"] += 1
         window["time"] += time.perf_counter() - step_start
         done = step + 1
@@ -144,14 +149,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             torch.distributed.all_reduce(loss_t)  # mean over ranks, for the log only
             metrics = {
                 "loss": loss_t.item() / world,
-                "lr": engine.get_lr()[0],
-                "grad_norm": float(grad_norm),
+                "lr": lr,
+                "grad_norm": window["grad_norm"] / window["n"],
                 "samples_per_s": samples_per_step * window["n"] / window["time"],
                 "data_wait_fraction": window["wait"] / window["time"],
                 "step": done,
             }
-            if rank == 0:
-                eta = (t.steps - done) * window["time"] / window["n"]
+            if rank == 0:  # the ETA from all of this run's steps so far: with its checkpoints and samples
+                eta = (t.steps - done) * (time.perf_counter() - run_start) / (done - start_step)
                 print(
                     f"[train] step {done}/{t.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                     f"{metrics['samples_per_s']:.1f} samples/s data-wait {100 * metrics['data_wait_fraction']:.1f}% "
@@ -159,7 +164,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     flush=True,
                 )
                 log.metrics(metrics, step=done)
-            window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+            window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
         if rank == 0 and t.sample_every and (done % t.sample_every == 0) and done != t.steps:
             log.held_out(cfg, ema.model, done)
         # Only checkpoints go to Ray Train (the metrics reach MLflow and the log above): a worker's report

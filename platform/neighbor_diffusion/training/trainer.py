@@ -74,9 +74,11 @@ def storage_root(cfg: Config) -> str:
     return path if storage.is_uri(path) else str(Path(path).resolve())
 
 
-def _mlflow_run(cfg: Config, run_dir: Path | Location) -> str:
-    """A new MLflow run, or the one this Ray run used before (resume keeps one MLflow run); `run_dir` may be
-    on object storage (a `train.storage_path` URI)."""
+def _mlflow_run(cfg: Config, run_dir: Path | Location, resuming: bool) -> str:
+    """The MLflow run this Ray run used before when it resumes (resume keeps one MLflow run), else a new one;
+    `run_dir` may be on object storage (a `train.storage_path` URI). A run that left no checkpoint starts again
+    from step 0, perhaps with other settings: its own MLflow run then, with its own params (the old one, if left
+    RUNNING by a killed driver, is marked KILLED)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -86,11 +88,14 @@ def _mlflow_run(cfg: Config, run_dir: Path | Location) -> str:
     if marker.is_file():
         run_id = marker.read_text().strip()
         try:
-            client.get_run(run_id)
+            old = client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - a store that lost the run: start a fresh one
+            old = None
+        if old is not None and resuming:
             client.update_run(run_id, status="RUNNING")
             return run_id
-        except Exception:  # noqa: BLE001 - a store that lost the run: start a fresh one
-            pass
+        if old is not None and old.info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
     run = client.create_run(
         experiment_id,
         run_name=cfg.train.run_name,
@@ -219,7 +224,8 @@ def export_backbone(pipeline_dir: Path, out_file: Path, provenance: dict[str, st
 
 def check_resumable(cfg: Config, run_dir: Path | Location) -> bool:
     """Whether this run name resumes an earlier run (said when it does); refuse one whose model differs from
-    `cfg.model`, or whose optimizer state DeepSpeed could not load into this config's engine."""
+    `cfg.model`, whose optimizer state DeepSpeed could not load into this config's engine, or whose data
+    position would mean other examples in this config."""
     checkpoints = [p for p in storage.children(run_dir) if p.name.startswith("checkpoint_")]
     saved = [E.read_progress(p) for p in checkpoints if (p / E.PROGRESS_FILE).is_file()]
     if not saved:
@@ -232,16 +238,21 @@ def check_resumable(cfg: Config, run_dir: Path | Location) -> bool:
     if (old_scale == 1.0) != (cfg.train.neighbor_lr_scale == 1.0):  # one optimizer parameter group or two
         changed.append(f"train.neighbor_lr_scale ({old_scale} there)")
     # how DeepSpeed laid out the optimizer state: it cannot load another layout (2 workers from a run of 1 failed in
-    # every worker: "Automatic adjustment of ZeRO's optimizer state partitioning ... is not currently supported")
-    layout = ["zero_stage", "offload"] + (["num_workers"] if cfg.train.zero_stage > 0 else [])
-    changed += [f"train.{k} ({old_train[k]} there)" for k in layout if old_train.get(k, now_train[k]) != now_train[k]]
+    # every worker: "Automatic adjustment of ZeRO's optimizer state partitioning ... is not currently supported");
+    # and the data position: a checkpoint counts steps, and each of num_workers takes batch_size x grad_accum
+    # examples a step from its split of the seed's stream (another split or count would repeat or skip examples)
+    fixed = ["zero_stage", "offload", "num_workers", "seed"]
+    changed += [f"train.{k} ({old_train[k]} there)" for k in fixed if old_train.get(k, now_train[k]) != now_train[k]]
+    old_take = old_train["batch_size"] * old_train["grad_accum"]
+    if old_take != cfg.train.batch_size * cfg.train.grad_accum:
+        changed.append(f"train.batch_size x train.grad_accum ({old_take} there)")
     old_bf16 = E.uses_bf16(old_train.get("precision", "auto"), old_train.get("use_gpu", False))
     if old_bf16 != E.uses_bf16(cfg.train.precision, cfg.train.use_gpu):  # a bf16 checkpoint failed in fp32 (KeyError)
         changed.append(f"train.precision ({'bf16' if old_bf16 else 'fp32'} there)")
     if changed:
         raise ConfigError(
-            f"{run_dir} holds checkpoints of another model or optimizer ({', '.join(changed)} differ): pass a new "
-            f"--train.run_name, or delete that folder to train from scratch"
+            f"{run_dir} holds checkpoints of another model, optimizer or data position ({', '.join(changed)} "
+            f"differ): pass a new --train.run_name, or delete that folder to train from scratch"
         )
     finished = last["step"] >= cfg.train.steps
     print(
@@ -285,7 +296,7 @@ def train(
     # train.init_from is checked and read here, not in every worker: workers get its bytes from the object store
     cfg, init_weights = init_weights_of(cfg, resuming)
     start_ray(cfg)
-    run_id = _mlflow_run(cfg, run_dir)
+    run_id = _mlflow_run(cfg, run_dir, resuming)
     try:
         init_ref = ray.put(init_weights) if init_weights else None
         result = build_trainer(cfg, datasets, run_id, init_ref).fit()
