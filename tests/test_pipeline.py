@@ -87,7 +87,8 @@ def test_images_of_one_call_have_the_server_s_seeds(pipe):
 
     two = pipe("a toy", num_images=2, seed=MAX_SEED, num_inference_steps=2)
     wrapped = pipe("a toy", seed=0, num_inference_steps=2)
-    assert np.array_equal(np.asarray(two[1]), np.asarray(wrapped[0]))
+    diff = np.abs(np.asarray(two[1], np.int16) - np.asarray(wrapped[0], np.int16))
+    assert diff.max() <= 2, diff.max()  # the same image, up to a batch of 2 against 1 in float kernels
 
 
 def test_save_load_round_trip_gives_identical_samples(pipe, tmp_path):

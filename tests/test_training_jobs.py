@@ -162,14 +162,15 @@ def test_a_run_on_object_storage_resumes_its_mlflow_run_and_refuses_another_mode
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     cfg = override(debug(), {"train.storage_path": "s3://nd-test/runs", "train.run_name": "resume-me"})
     run_dir = storage.location(trainer.storage_root(cfg)) / "resume-me"
-    trainer.check_resumable(cfg, run_dir)  # nothing there yet
-    run_id = trainer._mlflow_run(cfg, run_dir)
-    assert (run_dir / "mlflow_run_id").read_text() == run_id and trainer._mlflow_run(cfg, run_dir) == run_id
+    assert not trainer.check_resumable(cfg, run_dir)  # nothing there yet
+    run_id = trainer._mlflow_run(cfg, run_dir, resuming=False)
+    assert (run_dir / "mlflow_run_id").read_text() == run_id
     progress = {"step": 4, "config": json.loads(json.dumps(cfg.to_dict()))}  # as the loop writes it
     (run_dir / "checkpoint_2026-11-25_00-00-00.000000" / "progress.json").write_text(json.dumps(progress))
     capsys.readouterr()
-    trainer.check_resumable(cfg, run_dir)
+    assert trainer.check_resumable(cfg, run_dir)
     assert "s3://nd-test/runs/resume-me has a checkpoint at step 4: resuming from it" in capsys.readouterr().out
+    assert trainer._mlflow_run(cfg, run_dir, resuming=True) == run_id  # the run id kept on S3: the same MLflow run
     wider = override(cfg, {"model.block_out_channels": "16,48"})
     with pytest.raises(ConfigError, match=r"s3://nd-test/runs/resume-me holds checkpoints of another model"):
         trainer.check_resumable(wider, run_dir)

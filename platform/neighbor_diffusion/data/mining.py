@@ -386,7 +386,7 @@ def filter_group(embeddings: np.ndarray, outlier_threshold: float) -> tuple[np.n
     n = len(e)
     if n == 1:
         return np.ones(1, dtype=bool), 0.0
-    medoid = int(np.argmax(e @ e.sum(0, dtype=np.float64)))  # the largest mean cosine to the others
+    medoid = int(np.argmax(e @ e.sum(0, dtype=np.float64).astype(e.dtype)))  # the largest mean cosine to the others
     close = e @ e[medoid] >= outlier_threshold
     centre = e[close].mean(0)
     centre /= max(float(np.linalg.norm(centre)), 1e-8)
@@ -394,8 +394,9 @@ def filter_group(embeddings: np.ndarray, outlier_threshold: float) -> tuple[np.n
     m = int(keep.sum())
     if m < 2:
         return keep, 0.0
-    total = e[keep].sum(0, dtype=np.float64)
-    pair_sum = float(total @ total) - float(np.einsum("ij,ij->", e[keep], e[keep], dtype=np.float64))
+    kept = e[keep]
+    total = kept.sum(0, dtype=np.float64)
+    pair_sum = float(total @ total) - float(np.einsum("ij,ij->", kept, kept, dtype=np.float64))
     return keep, pair_sum / (m * (m - 1))
 
 

@@ -212,6 +212,8 @@ def training_dataset(
         blocks = clusters.to_arrow_refs()
         count = ray.remote(num_cpus=0)(_num_rows)  # counted where the blocks lie, not fetched here
         ends = np.cumsum(ray.get([count.remote(b) for b in blocks]))
+        if not len(ends) or ends[-1] == 0:  # (as above, should Ray keep the schema of blocks with no rows)
+            raise ValueError(f"{shard_dir}: the cluster shards hold no rows; re-run jobs/prepare_data.py")
         total = num_epochs * int(ends[-1])
         numbers = ray.data.range(total, override_num_blocks=max(1, -(-total // examples_per_task)))
         out = numbers.map_batches(_examples, batch_size=8, fn_kwargs=dict(blocks=blocks, ends=ends, cfg=cfg, seed=seed))

@@ -93,9 +93,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            loaded, _ = engine.load_checkpoint(d, tag=E.ENGINE_TAG)
-            if loaded is None:  # DeepSpeed only warns, and would train on from fresh weights at the saved step
+            if not (Path(d) / E.ENGINE_TAG).is_dir():  # DeepSpeed's own failure is a bare AssertionError
                 raise RuntimeError(f"checkpoint {checkpoint.path}: no DeepSpeed state {E.ENGINE_TAG!r} in it")
+            loaded, _ = engine.load_checkpoint(d, tag=E.ENGINE_TAG)
+            if loaded is None:  # (DeepSpeed only warns then, and the run would go on from fresh weights)
+                raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed loaded nothing from {E.ENGINE_TAG!r}")
             ema.load(Path(d) / E.EMA_FILE)
             start_step = E.read_progress(Path(d))["step"]
         if rank == 0:
