@@ -202,17 +202,15 @@ def training_dataset(
     context.custom_execution_callback_classes = [*saved[1], _PacedScheduling]
     try:
         clusters = ray.data.read_parquet(files, filesystem=fs).materialize()
-        schema = clusters.schema()  # None when no file holds a row (the workers waited for a first batch for ever)
-        if schema is None:
-            raise ValueError(f"{shard_dir}: the cluster shards hold no rows; re-run jobs/prepare_data.py")
+        schema = clusters.schema()  # None when no file holds a row: the count below says so
         missing = [c for c in ("cluster_id", "images", "captions", "text_encoder", "text_states", "text_mask",
-                               "text_shape") if c not in schema.names]  # fmt: skip
+                               "text_shape") if schema is not None and c not in schema.names]  # fmt: skip
         if missing:
             raise ValueError(f"{shard_dir}: the cluster shards have no column {', '.join(missing)}: not mined here?")
         blocks = clusters.to_arrow_refs()
         count = ray.remote(num_cpus=0)(_num_rows)  # counted where the blocks lie, not fetched here
         ends = np.cumsum(ray.get([count.remote(b) for b in blocks]))
-        if not len(ends) or ends[-1] == 0:  # (as above, should Ray keep the schema of blocks with no rows)
+        if not len(ends) or ends[-1] == 0:  # (the workers would wait for a first batch for ever)
             raise ValueError(f"{shard_dir}: the cluster shards hold no rows; re-run jobs/prepare_data.py")
         total = num_epochs * int(ends[-1])
         numbers = ray.data.range(total, override_num_blocks=max(1, -(-total // examples_per_task)))

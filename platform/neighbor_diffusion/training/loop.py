@@ -37,6 +37,11 @@ def _batches(shard, batch_size: int, skip: int, device: torch.device):
             yield batch
 
 
+def _new_window() -> dict[str, float]:
+    """What the loop sums between two log steps (losses and grad norms to average, waits and step times)."""
+    return {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
+
+
 def _quiet_report_log() -> None:
     """Ray Train V2 logs every `ray.train.report` at INFO, metrics and all (half the job's log, as our own
     progress line says the same). Its logger is named after its file path, not under `ray.train`, so
@@ -117,7 +122,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     batches = _batches(shard, t.batch_size, start_step * t.grad_accum, device)
     samples_per_step = t.batch_size * t.grad_accum * world
-    window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
+    window = _new_window()
     run_start = time.perf_counter()
     own_norm = float("nan")  # (set below at stage 0; a ZeRO or bf16 optimizer gives its own)
     for step in range(start_step, t.steps):
@@ -166,7 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     flush=True,
                 )
                 log.metrics(metrics, step=done)
-            window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
+            window = _new_window()
         if rank == 0 and t.sample_every and (done % t.sample_every == 0) and done != t.steps:
             log.held_out(cfg, ema.model, done)
         # Only checkpoints go to Ray Train (the metrics reach MLflow and the log above): a worker's report
